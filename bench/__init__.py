@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m bench.ops` (fused ops vs reference)."""
