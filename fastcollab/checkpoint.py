@@ -1,0 +1,89 @@
+"""Checkpoints: written atomically, loaded with ``weights_only=True`` (a checkpoint never executes code).
+
+A checkpoint holds the trainable peers' weights, their optimizers, the GradScaler, the RNG states, the epoch
+just finished and the metrics history, so that ``--resume`` continues a killed run and ends exactly where an
+uninterrupted run would.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import FastcollabError
+
+FORMAT = "fastcollab-checkpoint-1"
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+def atomic_write(path: Path, write) -> None:
+    """Write through ``write(file_object)`` into a temporary file beside ``path``, fsync, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: Path, *, epoch: int, models: dict, optimizers: dict, scaler, metrics: list,
+                    config: dict) -> None:
+    payload = {
+        "format": FORMAT,
+        "epoch": epoch,
+        "models": {n: {k: v.detach().cpu() for k, v in m.state_dict().items()} for n, m in models.items()},
+        "optimizers": {n: o.state_dict() for n, o in optimizers.items()},
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "rng": rng_state(),
+        "metrics": metrics,
+        "config": config,
+    }
+    atomic_write(path, lambda f: torch.save(payload, f))
+
+
+def load_checkpoint(path: Path, map_location="cpu") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FastcollabError(f"no checkpoint at {path}: train the run first, or point --run/--out at a run "
+                              f"directory that holds {CHECKPOINT_NAME}")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises many types for truncated or foreign files
+        raise FastcollabError(f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e)[:120]}): it is "
+                              "corrupt or not a fastcollab checkpoint; delete it and train again without "
+                              "--resume, or point at another run") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise FastcollabError(f"{path} is not a fastcollab checkpoint (format {FORMAT} expected): point at a "
+                              "run directory written by python -m fastcollab.train")
+    return payload
+
+
+def load_model_state(model: torch.nn.Module, state: dict, where: str) -> None:
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).splitlines()[0][:200]
+        raise FastcollabError(f"the weights in {where} do not fit the model of its config ({first}): the "
+                              "checkpoint and config.yaml disagree; retrain or restore the run's config.yaml") from None
