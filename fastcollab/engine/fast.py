@@ -7,7 +7,8 @@ What it changes (each measured against the eager engine in the same process, ben
   pair is one convolution with a bias (``w' = w·γ/√(σ²+ε)``, ``b' = β − μ·γ/√(σ²+ε)``, exactly what
   eval-mode BatchNorm applies, up to float rounding). The twin's other tensors *alias* the live model's
   parameters and buffers (no copy; the optimizer's in-place updates are seen at once); the folded weights
-  are recomputed at the start of every step, because the weights change every step. The twin never
+  are recomputed before each use whenever a tensor they derive from changed (the optimizer step, or a
+  train-mode forward that moved the BN statistics: a Madry-style attack on the same model). The twin never
   requires parameter gradients, so attack backwards compute input gradients only. In the twin,
   ``max_pool(relu(z))`` becomes ``relu(max_pool(z))`` (identical values and gradients: ReLU is monotone,
   and both orders send the gradient to the same element) and an identity input normalisation is dropped.
@@ -160,6 +161,21 @@ class FoldedTwin(nn.Module):
         live = dict(self.live[0].named_parameters(remove_duplicate=False))
         return all(name in live and live[name].data_ptr() == t.data_ptr() for name, t in self._aliases)
 
+    def _versions(self) -> tuple:
+        # a train-mode BN forward updates running_mean/var inside the kernel without bumping their version
+        # counters; it always bumps num_batches_tracked (``+= 1`` in Python), so that one is read as well
+        return tuple(t._version for _, conv, bn in self.folds
+                     for t in (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                               bn.num_batches_tracked)
+                     if t is not None)
+
+    def sync(self) -> None:
+        """Refresh the folded weights if any tensor they come from changed since the last refresh (an optimizer
+        step, or a train-mode forward of the live model, such as a Madry-style attack, that moved its BN
+        statistics): tensors' version counters tell, at no cost."""
+        if self._versions() != self._seen:
+            self.refresh()
+
     @torch.no_grad()
     def refresh(self) -> None:
         """Fold BatchNorm into the preceding convolution with the live model's current tensors."""
@@ -174,6 +190,7 @@ class FoldedTwin(nn.Module):
             if bn.bias is not None:
                 shift = shift + bn.bias
             fused.bias.copy_(shift)
+        self._seen = self._versions()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.gm(x)
@@ -229,18 +246,22 @@ class FastEngine(EagerEngine):
     # -------------------------------------------------------------------------------------- hooks
     def _refresh(self) -> None:
         for name, twin in list(self.twins.items()):
-            if twin.aliases_current():
-                twin.refresh()
-            else:
+            if not twin.aliases_current():
                 self._build_twin(name)
 
+    def _twin(self, name: str | None, mode: str) -> FoldedTwin | None:
+        """The folded twin of ``name`` for an eval-mode use, its weights current (None: use the live model)."""
+        twin = self.twins.get(name) if name is not None and mode == "eval" else None
+        if twin is not None:
+            twin.sync()
+        return twin
+
     def _attack_model(self, name, mode):
-        if name is not None and mode == "eval" and name in self.twins:
-            return self.twins[name]
-        return super()._attack_model(name, mode)
+        twin = self._twin(name, mode)
+        return twin if twin is not None else super()._attack_model(name, mode)
 
     def _nograd(self, name, inputs, mode):
-        twin = self.twins.get(name) if mode == "eval" else None
+        twin = self._twin(name, mode)
         if twin is None:
             return super()._nograd(name, inputs, mode)
         with torch.no_grad(), self.precision.autocast():
