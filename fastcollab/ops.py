@@ -139,6 +139,9 @@ def _supports(backend: str, op: str, device: torch.device, dtype: torch.dtype) -
         return device.type == "cpu"  # losses upcast to fp32 before the kernel
     if backend == "triton":
         km = _triton()
+        if op in ("pgd_step_", "project_l1_") and dtype not in (torch.float32, torch.float64):
+            # the kernels round once (fp32 math); the reference rounds after every bf16/fp16 op
+            return False
         return km is not None and hasattr(km, _OPS[op]) and _triton_usable_on(device)
     return False
 
@@ -360,9 +363,9 @@ def _pgd_step_op(
         g, xc = grad.contiguous(), x.contiguous()
         _run_inplace(x_adv, lambda w: torch.ops.fastcollab.native_pgd_step_(w, g, xc, eps, step, eps_t, step_t, norm, l1_k))
     elif backend == "triton" and _supports("triton", "pgd_step_", x_adv.device, x_adv.dtype):
-        xx = x if x.shape == x_adv.shape else x.expand(x_adv.shape)
+        # x may be [B, C, H, W] shared by the peers: the kernel indexes it per row (no P-fold copy)
         k = l1_k if norm == "l1" else None
-        _run_inplace(x_adv, lambda w: _triton().pgd_step_(w, grad, xx, e, s, norm, k))
+        _run_inplace(x_adv, lambda w: _triton().pgd_step_(w, grad, x, e, s, norm, k))
     else:
         reference.pgd_step_(x_adv, grad, x, e, s, norm, l1_k)
 

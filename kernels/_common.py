@@ -42,9 +42,17 @@ def class_warps(block: int) -> int:
     return max(1, min(8, block // 256))
 
 
-def per_group_param(value, lead_shape, device, name: str) -> tuple[torch.Tensor, int]:
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype the image kernels compute in (and get eps/step in): fp64 for fp64 storage, else fp32
+    (bf16/fp16 are upcast in registers)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def per_group_param(value, lead_shape, device, name: str,
+                    dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, int]:
     """Turn a float / 0-d tensor / tensor whose shape is a *prefix* of ``lead_shape`` into a flat
-    fp32 tensor of G values plus ``rows_per_group`` such that row r uses value[r // rows_per_group].
+    ``dtype`` tensor (fp32; fp64 for fp64 images) of G values plus ``rows_per_group`` such that row r
+    uses value[r // rows_per_group].
 
     E.g. x_adv [P, B, C, H, W] (lead_shape (P, B)) with eps of shape [P] -> G = P, rows_per_group = B.
     Left-aligned (per peer), unlike torch broadcasting. Never reads the values on the host.
@@ -53,7 +61,7 @@ def per_group_param(value, lead_shape, device, name: str) -> tuple[torch.Tensor,
     for s in lead_shape:
         n_rows *= int(s)
     if isinstance(value, torch.Tensor):
-        t = value.detach().to(device=device, dtype=torch.float32)
+        t = value.detach().to(device=device, dtype=dtype)
         shp = tuple(t.shape)
         if t.numel() == 1 and (len(shp) == 0 or shp == (1,)):
             return t.reshape(1).contiguous(), max(n_rows, 1)
@@ -64,7 +72,7 @@ def per_group_param(value, lead_shape, device, name: str) -> tuple[torch.Tensor,
             )
         g = t.numel()
         return t.reshape(-1).contiguous(), max(n_rows // max(g, 1), 1)
-    return torch.full((1,), float(value), device=device, dtype=torch.float32), max(n_rows, 1)
+    return torch.full((1,), float(value), device=device, dtype=dtype), max(n_rows, 1)
 
 
 def check_reduction(reduction: str, allowed) -> None:

@@ -4,11 +4,14 @@ Tensors are [B, C, H, W] or [P, B, C, H, W] (a row is always the last three dims
 dim, ``x`` may also be [B, C, H, W] (clean images shared by the peers). ``eps`` / ``step`` are floats, 0-d tensors, or tensors whose shape is a
 prefix of the leading dims ([P]: one value per peer). One launch updates every peer.
 
-Semantics (DESIGN.md section 3), all in fp32 registers whatever the storage dtype:
+Semantics (DESIGN.md section 3), all in fp32 registers whatever the storage dtype (fp64 for fp64 tensors,
+so fp64 l_inf is bit-exact with the fp64 torch sequence too):
 
 * linf: ``t = x_adv + step*sign(grad)`` (sign(0) = 0); ``t = min(max(t, x - eps), x + eps)``;
   ``x_adv = min(max(t, 0), 1)``. Same op order as the torch sequence, so bit-exact with it in fp32
   (eps/step are rounded to fp32 first, as torch does for a fp32 tensor and a Python scalar).
+  bf16/fp16: fp32 math, one rounding at the store (torch rounds after every op, so fastcollab.ops
+  sends reduced-precision images to the reference instead).
 * l2 (one program per row): ``g = grad / (||grad||_2 + 1e-12)``; ``t = x_adv + step*g``; ``d = t - x``;
   ``d *= min(1, eps / (||d||_2 + 1e-12))``; ``x_adv = clamp(x + d, 0, 1)``.
 * l1 (Maini et al., steepest ascent; one program per row): coordinates that cannot move (x_adv <= 0 with
@@ -26,8 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import per_group_param, row_block, row_warps
-from .project_l1 import N_BISECT, N_REFINE, _l1_project_row
+from ._common import compute_dtype, per_group_param, row_block, row_warps
+from .project_l1 import N_BISECT, N_REFINE, _l1_project_row, _upcast
 
 LINF_BLOCK = 1024
 
@@ -49,9 +52,9 @@ def _pgd_linf_kernel(xa_ptr, g_ptr, x_ptr, eps_ptr, step_ptr, row_len, rows_per_
     mask = offs < row_len
     base = row.to(tl.int64) * row_len
     xbase = (row % x_rows).to(tl.int64) * row_len
-    xa = tl.load(xa_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(g_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-    x = tl.load(x_ptr + xbase + offs, mask=mask, other=0.0).to(tl.float32)
+    xa = _upcast(tl.load(xa_ptr + base + offs, mask=mask, other=0.0))
+    g = _upcast(tl.load(g_ptr + base + offs, mask=mask, other=0.0))
+    x = _upcast(tl.load(x_ptr + xbase + offs, mask=mask, other=0.0))
     t = xa + step * _sign(g)
     t = tl.minimum(tl.maximum(t, x - eps), x + eps)
     t = tl.minimum(tl.maximum(t, 0.0), 1.0)
@@ -69,9 +72,9 @@ def _pgd_l2_kernel(xa_ptr, g_ptr, x_ptr, eps_ptr, step_ptr, row_len, rows_per_gr
     mask = offs < row_len
     base = row.to(tl.int64) * row_len
     xbase = (row % x_rows).to(tl.int64) * row_len
-    xa = tl.load(xa_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(g_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-    x = tl.load(x_ptr + xbase + offs, mask=mask, other=0.0).to(tl.float32)
+    xa = _upcast(tl.load(xa_ptr + base + offs, mask=mask, other=0.0))
+    g = _upcast(tl.load(g_ptr + base + offs, mask=mask, other=0.0))
+    x = _upcast(tl.load(x_ptr + xbase + offs, mask=mask, other=0.0))
     gnorm = tl.sqrt(tl.sum(g * g, axis=0))
     t = xa + step * (g / (gnorm + 1e-12))
     d = t - x
@@ -93,9 +96,9 @@ def _pgd_l1_kernel(xa_ptr, g_ptr, x_ptr, eps_ptr, step_ptr, k_ptr, row_len, rows
     mask = offs < row_len
     base = row.to(tl.int64) * row_len
     xbase = (row % x_rows).to(tl.int64) * row_len
-    xa = tl.load(xa_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(g_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-    x = tl.load(x_ptr + xbase + offs, mask=mask, other=0.0).to(tl.float32)
+    xa = _upcast(tl.load(xa_ptr + base + offs, mask=mask, other=0.0))
+    g = _upcast(tl.load(g_ptr + base + offs, mask=mask, other=0.0))
+    x = _upcast(tl.load(x_ptr + xbase + offs, mask=mask, other=0.0))
 
     stuck = ((xa <= 0.0) & (g < 0.0)) | ((xa >= 1.0) & (g > 0.0))
     movable = mask & (~stuck)
@@ -108,7 +111,7 @@ def _pgd_l1_kernel(xa_ptr, g_ptr, x_ptr, eps_ptr, step_ptr, k_ptr, row_len, rows
         hit = offs == idx
         sel = sel | (hit & (a >= 0.0))
         a = tl.where(hit, -2.0, a)
-    mv = step * 20.0 / k.to(tl.float32)
+    mv = step * 20.0 / k.to(xa.dtype)
     xa1 = tl.where(sel, xa + mv * _sign(g), xa)
     d = tl.where(mask, xa1 - x, 0.0)
     d, _outside = _l1_project_row(d, eps, N_BISECT, N_REFINE)
@@ -143,8 +146,9 @@ def pgd_step_(x_adv: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, eps, ste
     if n_rows == 0 or row_len == 0:
         return x_adv
     dev = x_adv.device
-    eps_t, rpg_e = per_group_param(eps, lead, dev, "eps")
-    step_t, rpg_s = per_group_param(step, lead, dev, "step")
+    cdt = compute_dtype(x_adv)
+    eps_t, rpg_e = per_group_param(eps, lead, dev, "eps", cdt)
+    step_t, rpg_s = per_group_param(step, lead, dev, "step", cdt)
     # one rows_per_group for both: if they differ, expand the coarser one to per-row values
     if rpg_e != rpg_s:
         eps_t = eps_t.reshape(-1, 1).expand(-1, rpg_e).contiguous().reshape(-1)  # per row, no host sync

@@ -4,8 +4,8 @@ Row = the last three dims flattened (C*H*W); every leading dim is a batch dim ([
 [P,B,C,H,W]). ``eps`` is a float, a 0-d tensor, or a tensor whose shape is a prefix of the leading dims
 (e.g. [P]: one radius per peer).
 
-Math (fp32): for a row d with ||d||_1 > eps, find theta >= 0 with sum_i max(|d_i| - theta, 0) = eps and
-set d <- sign(d) * max(|d| - theta, 0). Rows with ||d||_1 <= eps are not written at all (bit-exact).
+Math (fp32; fp64 for fp64 tensors): for a row d with ||d||_1 > eps, find theta >= 0 with
+sum_i max(|d_i| - theta, 0) = eps and set d <- sign(d) * max(|d| - theta, 0). Rows with ||d||_1 <= eps are not written at all (bit-exact).
 
 Instead of Duchi's sort (awkward in registers) theta is bracketed by bisection on the monotone function
 f(theta) = sum max(|d| - theta, 0) (N_BISECT halvings of [0, max|d|], each a register reduction), then
@@ -20,10 +20,19 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import per_group_param, row_block, row_warps
+from ._common import compute_dtype, per_group_param, row_block, row_warps
 
 N_BISECT = 40
 N_REFINE = 3
+
+
+@triton.jit
+def _upcast(v):
+    """fp32 registers for fp32/bf16/fp16 storage, fp64 for fp64 (static branch on the dtype)."""
+    if v.dtype == tl.float64:
+        return v
+    else:
+        return v.to(tl.float32)
 
 
 @triton.jit
@@ -65,7 +74,7 @@ def _project_l1_kernel(d_ptr, eps_ptr, row_len, rows_per_group,
     offs = tl.arange(0, BLOCK)
     mask = offs < row_len
     ptrs = d_ptr + row.to(tl.int64) * row_len + offs
-    d = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    d = _upcast(tl.load(ptrs, mask=mask, other=0.0))
     out, outside = _l1_project_row(d, eps, N_BISECT, N_REFINE)
     # rows inside the ball are not written at all: bit-exact by construction
     store_mask = tl.where(outside, mask, offs < 0)
@@ -85,7 +94,8 @@ def project_l1_(delta: torch.Tensor, eps) -> torch.Tensor:
     n_rows = delta.numel() // max(row_len, 1)
     if n_rows == 0 or row_len == 0:
         return delta
-    eps_t, rpg = per_group_param(eps, lead, delta.device, "eps")
+    cdt = compute_dtype(delta)
+    eps_t, rpg = per_group_param(eps, lead, delta.device, "eps", cdt)
     block = row_block(row_len)
     work = delta.contiguous()
     _project_l1_kernel[(n_rows,)](
