@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true", default=None, help="continue the run in --out")
     g.add_argument("--config", help="YAML file of defaults (keys as the long options, - or _)")
     g.add_argument("--device", help="auto | cpu | cuda[:N]")
-    g.add_argument("--engine", help="auto | eager")
+    g.add_argument("--engine", help="auto (= fast) | fast (CUDA graphs on a GPU, folded-BN CPU path) | eager")
     g.add_argument("--view-bn", choices=["eval", "train"], help="BN mode of no-grad peer views (default eval)")
     g.add_argument("--normalize", action="store_true", default=None,
                    help="normalise by the dataset's mean/std inside the model")

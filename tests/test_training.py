@@ -84,7 +84,7 @@ def run_dir_files(out: Path):
 def test_cli_writes_a_complete_run_directory(method, extra, small_npz, tmp_path):
     out = tmp_path / method
     train_cli("--method", method, "--model", "smallcnn", "--dataset", f"npz:{small_npz}", "--epochs", "2",
-              "--batch-size", "64", "--attack-steps", "2", "--eval-subset", "32", "--final-eval-size", "32",
+              "--batch-size", "128", "--attack-steps", "2", "--eval-subset", "32", "--final-eval-size", "32",
               "--out", str(out), *extra)
     assert {"config.yaml", "metrics.jsonl", "final.json", CHECKPOINT_NAME, "curves.png"} <= run_dir_files(out)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -109,8 +109,8 @@ def _weights(out: Path):
 
 
 def test_resume_after_kill_matches_uninterrupted_run(small_npz, tmp_path):
-    args = ["--method", "mat", "--model", "smallcnn", "--dataset", f"npz:{small_npz}", "--epochs", "4",
-            "--batch-size", "64", "--attack-steps", "2", "--eval-subset", "16", "--final-eval-size", "16",
+    args = ["--method", "mat", "--model", "smallcnn", "--dataset", f"npz:{small_npz}", "--epochs", "3",
+            "--batch-size", "128", "--attack-steps", "2", "--eval-subset", "16", "--final-eval-size", "16",
             "--no-progress"]
     full, killed = tmp_path / "full", tmp_path / "killed"
     train_cli(*args[:-1], "--out", str(full))
@@ -128,7 +128,7 @@ def test_resume_after_kill_matches_uninterrupted_run(small_npz, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done = len(metrics.read_text().splitlines())
-    assert 1 <= done < 4, "the kill should land mid-run"
+    assert 1 <= done < 3, "the kill should land mid-run"
 
     train_cli("--resume", "--out", str(killed))
     a, b = _weights(full), _weights(killed)
