@@ -109,6 +109,10 @@ class AttackSpec:
             raise FastcollabError(f"attack eps must be >= 0, got {self.eps}: pass e.g. --eps 8/255")
         if not self.step > 0:
             raise FastcollabError(f"attack step must be > 0, got {self.step}: pass e.g. --step-size 2/255")
+        self._check_loop()
+
+    def _check_loop(self) -> None:
+        """Checks of what every attack has besides its budget: steps, init, objective, BN mode."""
         if int(self.steps) != self.steps or self.steps < 0:
             raise FastcollabError(f"attack steps must be a whole number >= 0, got {self.steps}")
         if self.init not in INITS:
@@ -170,19 +174,23 @@ def _float_logits(models: Mapping[str, nn.Module], x_adv, autocast) -> dict[str,
         return {name: m(x_adv).float() for name, m in models.items()}
 
 
+def _loop_setup(spec: AttackSpec, model: nn.Module, guide: nn.Module | None):
+    """The objective, the models evaluated on ``x'`` at every step, and their BN modes."""
+    needs_guide = spec.objective in OBJECTIVES_WITH_GUIDE_IN_LOOP
+    if needs_guide and guide is None:
+        raise FastcollabError(f"attack objective {spec.objective!r} needs a guide (teacher) model")
+    models = {"attacked": model, **({"guide": guide} if needs_guide else {})}
+    return OBJECTIVES[spec.objective], models, [spec.bn_mode] + ["eval"] * (len(models) - 1)
+
+
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: AttackSpec, *,
         guide: nn.Module | None = None, ref: Mapping[str, torch.Tensor] | None = None,
         autocast=contextlib.nullcontext) -> torch.Tensor:
     """Projected gradient ascent on ``spec.objective`` (Madry et al. 2018; l1 steepest ascent of Maini et
     al. 2020), returning ``x'`` (detached). ``guide`` is a second, frozen model that objectives such as
     ``guide_kl`` evaluate on ``x'`` at every step; ``ref`` holds reference logits computed once."""
-    objective = OBJECTIVES[spec.objective]
+    objective, models, modes = _loop_setup(spec, model, guide)
     ref = dict(ref or {})
-    needs_guide = spec.objective in OBJECTIVES_WITH_GUIDE_IN_LOOP
-    if needs_guide and guide is None:
-        raise FastcollabError(f"attack objective {spec.objective!r} needs a guide (teacher) model")
-    models = {"attacked": model, **({"guide": guide} if needs_guide else {})}
-    modes = [spec.bn_mode] + ["eval"] * (len(models) - 1)
     x = x.detach()
     x_adv = random_init(x, spec)
     with bn_mode(list(models.values()), modes):
@@ -225,15 +233,7 @@ class MSDSpec(AttackSpec):
         for c in self.components:
             if not isinstance(c, AttackSpec) or isinstance(c, MSDSpec):
                 raise FastcollabError(f"MSD components must be single-norm AttackSpecs, got {c!r}")
-        if int(self.steps) != self.steps or self.steps < 0:
-            raise FastcollabError(f"attack steps must be a whole number >= 0, got {self.steps}")
-        if self.init not in INITS:
-            raise FastcollabError(f"unknown attack init {self.init!r}: use one of {', '.join(INITS)}")
-        if self.objective not in OBJECTIVES:
-            raise FastcollabError(
-                f"unknown attack objective {self.objective!r}: use one of {', '.join(OBJECTIVES)}")
-        if self.bn_mode not in BN_MODES:
-            raise FastcollabError(f"unknown attack BN mode {self.bn_mode!r}: use eval or train")
+        self._check_loop()
 
     def describe(self) -> dict:
         return {"norm": "msd", "steps": self.steps, "init": self.init, "objective": self.objective,
@@ -262,13 +262,8 @@ def msd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: MSDSpec, *,
     ``x``), then, per example, the candidate of highest objective becomes the new ``x'``; returns the
     ``x'`` of highest objective seen (the start included). Cost per step: one forward-backward plus one
     no-grad forward per component."""
-    objective = OBJECTIVES[spec.objective]
+    objective, models, modes = _loop_setup(spec, model, guide)
     ref = dict(ref or {})
-    needs_guide = spec.objective in OBJECTIVES_WITH_GUIDE_IN_LOOP
-    if needs_guide and guide is None:
-        raise FastcollabError(f"attack objective {spec.objective!r} needs a guide (teacher) model")
-    models = {"attacked": model, **({"guide": guide} if needs_guide else {})}
-    modes = [spec.bn_mode] + ["eval"] * (len(models) - 1)
     x = x.detach()
     x_adv = _msd_init(x, spec)
     view = (-1,) + (1,) * (x.dim() - 1)
