@@ -248,14 +248,13 @@ class Trainer:
         final = {"method": cfg["method"], "model": cfg["model"], "dataset": cfg["dataset"], "test_images": n,
                  "attacks": {a.name: a.describe() for a in attacks}, **report}
         write_json(self.out / FINAL, final)
-        if self.progress:
-            for peer, accs in report["peers"].items():
-                union = report["union"].get(peer, {})
-                print(f"final {peer}: " + "  ".join(f"{k} {v:.2f}%" for k, v in accs.items())
-                      + ("  |  union " + "  ".join(f"{k} {v:.2f}%" for k, v in union.items()) if union else ""))
-            if "discrepancy" in report:
-                print("prediction discrepancy: " + "  ".join(f"{k} {v:.2f}%" for k, v in report["discrepancy"].items()))
-            print(f"run directory: {self.out}")
+        for peer, accs in report["peers"].items():
+            union = report["union"].get(peer, {})
+            print(f"final {peer}: " + "  ".join(f"{k} {v:.2f}%" for k, v in accs.items())
+                  + ("  |  union " + "  ".join(f"{k} {v:.2f}%" for k, v in union.items()) if union else ""))
+        if "discrepancy" in report:
+            print("prediction discrepancy: " + "  ".join(f"{k} {v:.2f}%" for k, v in report["discrepancy"].items()))
+        print(f"run directory: {self.out}")
         return final
 
 

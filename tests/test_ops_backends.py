@@ -49,12 +49,13 @@ def test_available_and_report():
 
 
 # --------------------------------------------------------------------------------------------- pgd
+LINF_CASES = [(shape, per_peer) for shape in [(2, 128, 3, 32, 32), (1, 1, 1, 1), (7, 3, 5, 5), (3, 5, 1, 7, 3)]
+              for per_peer in (False, True) if not per_peer or len(shape) == 5]  # per-peer eps needs a peer dim
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("shape", [(2, 128, 3, 32, 32), (1, 1, 1, 1), (7, 3, 5, 5), (3, 5, 1, 7, 3)])
-@pytest.mark.parametrize("per_peer", [False, True])
+@pytest.mark.parametrize("shape,per_peer", LINF_CASES)
 def test_linf_bit_exact(backend, shape, per_peer):
-    if per_peer and len(shape) != 5:
-        pytest.skip("per-peer eps needs the peer dim")
     use(backend)
     xa, g, x = _imgs(shape)
     if per_peer:
