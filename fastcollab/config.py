@@ -11,6 +11,7 @@ from typing import Any, Mapping
 
 import yaml
 
+from .attacks import parse_number
 from .errors import FastcollabError
 from .methods import get_method
 from .schedule import scaled_drops
@@ -75,6 +76,9 @@ def resolve_config(given: Mapping[str, Any], file_values: Mapping[str, Any] | No
     """Merge general defaults, the method's paper defaults, a config file and the explicitly ``given``
     settings (those the user typed: ``None`` means not given)."""
     user = {**(file_values or {}), **{k: v for k, v in given.items() if v is not None}}
+    for k in ("eps", "step"):  # a YAML file may write budgets as papers do: 8/255
+        if isinstance(user.get(k), str):
+            user[k] = parse_number(user[k], f"{k} in the config file")
     method_name = user.get("method", GENERAL["method"])
     model = user.get("model", GENERAL["model"])
     method_cls = get_method(method_name)
