@@ -14,25 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastcollab.errors import FastcollabError
+from fastcollab.models.preact_resnet import PreActBlock
 from fastcollab.models.registry import Normalize, init_weights, register_model, register_model_pattern
-
-
-class WideBlock(nn.Module):
-    def __init__(self, c_in: int, c_out: int, stride: int):
-        super().__init__()
-        self.bn1 = nn.BatchNorm2d(c_in)
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-        self.shortcut = None
-        if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Conv2d(c_in, c_out, 1, stride, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(x))
-        short = self.shortcut(out) if self.shortcut is not None else x
-        out = self.conv2(F.relu(self.bn2(self.conv1(out))))
-        return out + short
 
 
 class WideResNet(nn.Module):
@@ -53,7 +36,7 @@ class WideResNet(nn.Module):
         for i, w in enumerate(widths):
             blocks = []
             for j in range(n):
-                blocks.append(WideBlock(c_in, w, (1 if i == 0 else 2) if j == 0 else 1))
+                blocks.append(PreActBlock(c_in, w, (1 if i == 0 else 2) if j == 0 else 1))
                 c_in = w
             groups.append(nn.Sequential(*blocks))
         self.block1, self.block2, self.block3 = groups
