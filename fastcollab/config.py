@@ -43,6 +43,7 @@ GENERAL: dict[str, Any] = {
     "attack_steps": None,
     "attack_init": None,
     "attack_bn": None,
+    "attack_objective": None,  # None: the method's own (e.g. MAT's boosted CE); else overrides every attack
     "eval_subset": 512,        # test images attacked with PGD-10 after every epoch
     "final_eval_size": None,   # test images of the final evaluation (None: the whole test split)
     "final_attacks": "clean,fgsm,pgd20,cw20",

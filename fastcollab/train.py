@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--attack-steps", type=int)
     a.add_argument("--attack-init", choices=["uniform", "normal", "zero"])
     a.add_argument("--attack-bn", choices=["eval", "train"])
+    a.add_argument("--attack-objective", choices=["ce", "bce", "cw", "trades_kl"],
+                   help="replace the method's inner objective (an ablation; default: the paper's)")
     m = p.add_argument_group("method hyper-parameters (defaults: the method's paper)")
     seen = set()
     for name in list_methods():

@@ -52,3 +52,12 @@ def test_config_file_errors(tmp_path):
         read_yaml(listy)
     with pytest.raises(FastcollabError, match="does not take --temperature"):
         resolve_config({"method": "trades"}, {"temperature": 2.0})
+
+
+def test_attack_objective_override_is_an_ablation_switch():
+    from fastcollab.methods import get_method
+
+    paper = get_method("mat")(resolve_config({"method": "mat"}))
+    assert {a.spec.objective for a in paper.attacks()} == {"bce"}
+    ablated = get_method("mat")(resolve_config({"method": "mat", "attack_objective": "ce"}))
+    assert {a.spec.objective for a in ablated.attacks()} == {"ce"}

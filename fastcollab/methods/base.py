@@ -125,10 +125,12 @@ class Method:
     # --- helpers shared by the methods ------------------------------------------------------------
     def attack_spec(self, objective: str, **overrides) -> AttackSpec:
         """The method's attack from its resolved hyper-parameters (``eps``, ``step``, ``attack_steps``,
-        ``attack_init``, ``attack_bn``) with ``overrides``."""
+        ``attack_init``, ``attack_bn``, and ``attack_objective`` when the user overrides the method's
+        ``objective``) with ``overrides``."""
         hp = self.hp
         fields = {"norm": hp.get("norm", "linf"), "eps": hp["eps"], "step": hp["step"],
-                  "steps": hp["attack_steps"], "init": hp["attack_init"], "objective": objective,
+                  "steps": hp["attack_steps"], "init": hp["attack_init"],
+                  "objective": hp.get("attack_objective") or objective,
                   "bn_mode": hp["attack_bn"]}
         return AttackSpec(**{**fields, **overrides})
 
