@@ -18,7 +18,6 @@ import fastcollab.data as data
 from fastcollab.data import Dataset, DeviceLoader, load_dataset, make_synthetic
 from fastcollab.errors import FastcollabError
 
-MINI = Path(__file__).resolve().parents[1].parent / "shared/data/cifar10_mini.npz"
 
 
 def one_line(err) -> str:
@@ -161,10 +160,8 @@ def test_npz_missing_file_not_npz_and_corrupt(tmp_path):
     one_line(e)
 
 
-def test_real_cifar10_mini():
-    if not MINI.is_file():
-        pytest.skip(f"{MINI} is absent (the shared CIFAR-10 subset); nothing else is skipped")
-    ds = load_dataset(f"npz:{MINI}")
+def test_real_cifar10_mini(mini_npz):
+    ds = load_dataset(f"npz:{mini_npz}")
     assert ds.x_train.shape == (2500, 3, 32, 32) and ds.x_test.shape == (846, 3, 32, 32)
     assert ds.num_classes == 10 and ds.y_train.dtype == torch.int64
     assert torch.bincount(ds.y_train, minlength=10).min() > 150

@@ -81,17 +81,12 @@ def test_transfer_matrix_and_cohort_report():
     assert "transfer" not in single and "discrepancy" not in single
 
 
-def test_evaluate_cli_on_a_run_reports_union_and_transfer(tmp_path):
-    from pathlib import Path
-
+def test_evaluate_cli_on_a_run_reports_union_and_transfer(tmp_path, mini_npz):
     import numpy as np
 
     from fastcollab.evaluate import main as eval_main
     from fastcollab.train import main as train_main
-    mini = Path(__file__).resolve().parents[2] / "shared/data/cifar10_mini.npz"
-    if not mini.exists():
-        pytest.skip(f"{mini} (cifar10_mini) is absent")
-    d = np.load(mini)
+    d = np.load(mini_npz)
     npz = tmp_path / "m.npz"
     np.savez(npz, x_train=d["x_train"][:32], y_train=d["y_train"][:32], x_test=d["x_test"][:8],
              y_test=d["y_test"][:8])

@@ -16,7 +16,6 @@ from fastcollab.methods import CLEAN, LogitTable, StepContext, adv_key, get_meth
 from fastcollab.teachers import load_teacher
 from fastcollab.train import main as train_main
 
-MINI = Path(__file__).resolve().parents[2] / "shared/data/cifar10_mini.npz"
 C = 10
 
 
@@ -170,10 +169,8 @@ def test_adt_and_aodt_losses():
 
 
 # ------------------------------------------------------------------------------------ end to end
-def _tiny_npz(tmp: Path) -> str:
-    if not MINI.exists():
-        pytest.skip(f"{MINI} (cifar10_mini) is absent")
-    d = np.load(MINI)
+def _tiny_npz(tmp: Path, mini: Path) -> str:
+    d = np.load(mini)
     path = tmp / "mini64.npz"   # 64 training images: two steps of batch 32; 16 test images
     np.savez(path, x_train=d["x_train"][:64], y_train=d["y_train"][:64], x_test=d["x_test"][:16],
              y_test=d["y_test"][:16])
@@ -190,9 +187,9 @@ def _train(dataset, out, *args):
 
 
 @pytest.fixture(scope="module")
-def teachers(tmp_path_factory):
+def teachers(tmp_path_factory, mini_npz):
     tmp = tmp_path_factory.mktemp("teachers")
-    dataset = _tiny_npz(tmp)
+    dataset = _tiny_npz(tmp, mini_npz)
     return {"dataset": dataset,
             "robust": _train(dataset, tmp / "trades", "--method", "trades"),
             "natural": _train(dataset, tmp / "nat", "--method", "nat")}
@@ -260,8 +257,8 @@ def hand_pgd(model, x, y, eps=8 / 255, step=2 / 255, steps=3):
     return x_adv
 
 
-def test_load_cohort_attacked_by_hand_written_pgd(runs):
-    d = np.load(MINI)
+def test_load_cohort_attacked_by_hand_written_pgd(runs, mini_npz):
+    d = np.load(mini_npz)
     x = torch.from_numpy(d["x_test"][:16]).float() / 255
     y = torch.from_numpy(d["y_test"][:16]).long()
     torch.manual_seed(0)
