@@ -9,9 +9,15 @@ CPU fast path, or the CUDA-graphed engine on a GPU), ``paper`` (what users migra
 gradients inside the attack via ``loss.backward()``, clean logits recomputed at every attack step, every
 view its own forward, a torch DataLoader over a CPU TensorDataset; fp32, reference ops).
 
-``--compare`` runs eager (fp32) and fast in one process, interleaved step by step (the 2-core CPU is shared:
-interleaving makes the ratio fair), from the same weights, batches and random seed per step, and writes
-``{"eager": {...}, "fast": {...}, "ratio": fast_img_s / eager_img_s, "same_losses": ..., "max_loss_diff": ...}``.
+``--compare`` runs eager (fp32) and fast in one process -- on CUDA also eager bf16 (same autocast and ops as
+fast, no graph: the graph's gain is ``fast / eager_bf16``, bf16's is ``eager_bf16 / eager``) -- interleaved
+step by step (the 2-core CPU is shared: interleaving makes the ratio fair), from the same weights, batches and
+random seed per step, and writes ``{"eager": {...}, "eager_bf16": {...} or null, "fast": {...},
+"ratio": fast_img_s / eager_img_s, "graph_ratio": fast / eager_bf16, "fallback_reason": ..., "captures": ...,
+"replays": ..., "same_losses": ..., "max_loss_diff": ...}``. A graphed engine that fell back to eager is never
+reported as ``fast``: its column is ``fast_fell_back``, ``fast`` and the ratios are null, and
+``fallback_reason`` says why. Each column records its own peak GPU memory (peak of its steps above what was
+allocated before them); the header records the TF32 settings and the device's datasheet peak.
 Losses are "the same" when they agree within ``--loss-rtol`` (fp32 on CPU: PGD's sign() turns float-rounding
 differences of the folded / channels_last / fused-op arithmetic into a few flipped pixels, so one step's losses
 agree to ~1e-4 (MAT) .. ~1e-3 (TRADES-KL attacks, whose first step is a difference of nearly equal softmaxes),
@@ -46,7 +52,16 @@ from fastcollab.methods import CLEAN, LogitTable, StepContext, get_method
 from fastcollab.rundir import build_peer_models
 from fastcollab.schedule import LRSchedule
 
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}   # dense bf16
+# NVIDIA datasheet peaks, dense (the sparse figures / 2), TFLOP/s: bf16 tensor cores, tf32 tensor cores, fp32
+# (CUDA cores). Matched against torch.cuda.get_device_name in this order (most specific first): an SXM H100
+# reports "NVIDIA H100 80GB HBM3", a PCIe one "NVIDIA H100 PCIe".
+PEAK_TFLOPS = {
+    "H100 PCIe": {"bf16": 756.0, "tf32": 378.0, "fp32": 51.0},
+    "H100 NVL": {"bf16": 835.0, "tf32": 418.0, "fp32": 60.0},
+    "H200 NVL": {"bf16": 835.0, "tf32": 418.0, "fp32": 60.0},
+    "H100": {"bf16": 989.0, "tf32": 495.0, "fp32": 67.0},       # SXM
+    "H200": {"bf16": 989.0, "tf32": 495.0, "fp32": 67.0},       # SXM
+}
 
 
 class _NoModules:
@@ -71,10 +86,11 @@ class StepFlopCounter(FlopCounterMode):
 
 # ------------------------------------------------------------------------------------------------ cohort
 def build_cohort(method: str, model: str, device: torch.device, seed: int = 0, peers: int | None = None,
-                 peer_methods: str | None = None, num_classes: int = 10) -> Cohort:
-    """The cohort ``python -m fastcollab.train`` builds for these settings (paper defaults, fresh weights
-    from ``seed``): the same seed gives bit-identical weights."""
-    given = {"method": method, "model": model, "dataset": "synthetic", "device": str(device), "epochs": 1}
+                 peer_methods: str | None = None, num_classes: int = 10, overrides: dict | None = None) -> Cohort:
+    """The cohort ``python -m fastcollab.train`` builds for these settings (paper defaults, or ``overrides``
+    of them, fresh weights from ``seed``): the same seed gives bit-identical weights."""
+    given = {"method": method, "model": model, "dataset": "synthetic", "device": str(device), "epochs": 1,
+             **(overrides or {})}
     if peers is not None and method == "mat":
         given["peers"] = peers
     if peer_methods is not None and method == "cat":
@@ -91,9 +107,10 @@ def build_cohort(method: str, model: str, device: torch.device, seed: int = 0, p
     return Cohort(m, models, opts, sched)
 
 
-def make_batches(n: int, batch_size: int, device: torch.device, seed: int = 0):
-    """``n`` training batches of the synthetic set through the on-device loader (crop + flip)."""
-    data = load_dataset(f"synthetic:{max(n * batch_size, batch_size)}")
+def make_batches(n: int, batch_size: int, device: torch.device, seed: int = 0, dataset: str | None = None):
+    """``n`` training batches of the synthetic set (or of ``dataset``, a load_dataset spec) through the
+    on-device loader (crop + flip)."""
+    data = load_dataset(dataset or f"synthetic:{max(n * batch_size, batch_size)}")
     loader = DeviceLoader(data.x_train, data.y_train, batch_size, device, train=True, seed=seed)
     out = []
     while len(out) < n:
@@ -172,6 +189,7 @@ class Runner:
         self.times: list[float] = []
         self.losses: list[float] = []
         self.flops: int | None = None
+        self.peak_mem_mib: float | None = None     # CUDA: the largest step's peak above what was allocated before
 
     def step(self, x, y, seed: int, timed: bool, count_flops: bool = False) -> None:
         cohort = self.engine.cohort
@@ -182,6 +200,8 @@ class Runner:
         with ops_backend(self.backend):
             if cuda:
                 torch.cuda.synchronize()
+                base = torch.cuda.memory_allocated(self.device)
+                torch.cuda.reset_peak_memory_stats(self.device)
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
             t0 = time.perf_counter()
@@ -191,6 +211,8 @@ class Runner:
                 end.record()
                 torch.cuda.synchronize()
                 dt = start.elapsed_time(end) / 1e3
+                peak = (torch.cuda.max_memory_allocated(self.device) - base) / 2 ** 20
+                self.peak_mem_mib = max(self.peak_mem_mib or 0.0, peak)
             else:
                 dt = time.perf_counter() - t0
         self.losses.append(float(result.total.detach()))
@@ -205,20 +227,33 @@ class Runner:
                "ops_backend": self.backend or ops.resolve("kl_div", self.device),
                "images_per_s": batch_size / med, "ms_per_step": 1e3 * med,
                "ms_per_step_all": [round(1e3 * t, 2) for t in self.times], "losses": self.losses,
-               "flops_per_step": flops}
+               "flops_per_step": flops, "peak_step_memory_mib": self.peak_mem_mib}
+        stats = getattr(self.engine, "stats", None)
+        if callable(stats):
+            out.update(stats())       # graphed engine: fallback_reason, captures, replays, ...
+        precision = getattr(self.engine, "precision", None)
+        kind = precision.amp_dtype if precision is not None and precision.amp else _fp32_kind()
+        out["precision"] = kind
         if flops:
             out["achieved_tflops"] = flops / med / 1e12
-            peak = _peak_tflops(self.device)
+            peak = peak_tflops(self.device, kind)
             if peak:
-                out["fraction_of_peak"] = out["achieved_tflops"] / peak
+                out["peak_tflops"], out["fraction_of_peak"] = peak, out["achieved_tflops"] / peak
         return out
 
 
-def _peak_tflops(device: torch.device) -> float | None:
-    if device.type != "cuda":
+def _fp32_kind() -> str:
+    """fp32 convolutions run on TF32 tensor cores when cuDNN may use TF32 (torch's default)."""
+    return "tf32" if torch.cuda.is_available() and torch.backends.cudnn.allow_tf32 else "fp32"
+
+
+def peak_tflops(device: torch.device, kind: str = "bf16", name: str | None = None) -> float | None:
+    """The datasheet peak (dense TFLOP/s) of this GPU for ``kind`` (bf16 / tf32 / fp32); None if unknown."""
+    if device.type != "cuda" and name is None:
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    name = name if name is not None else torch.cuda.get_device_name(device)
+    peaks = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    return None if peaks is None else peaks.get("bf16" if kind == "fp16" else kind)
 
 
 def _memory(device: torch.device) -> dict:
@@ -232,6 +267,8 @@ def make_runner(kind: str, args, device: torch.device, ablation: dict | None = N
     fp32 = Precision(device)
     if kind == "eager":
         return Runner("eager", EagerEngine(cohort, fp32, args.view_bn), "reference", device)
+    if kind == "eager_bf16":   # fast's precision and ops, no graph
+        return Runner("eager_bf16", EagerEngine(cohort, Precision(device, amp=True), args.view_bn), None, device)
     if kind == "paper":
         return Runner("paper", PaperStyleEngine(cohort, fp32, args.view_bn), "reference", device)
     if kind == "fast" and ablation is None:
@@ -288,10 +325,135 @@ def run_interleaved(runners: list[Runner], batches, args) -> None:
 
 def header(args, device) -> dict:
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-    return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "device": dev,
-            "torch": torch.__version__, "command": "python -m bench.throughput " + " ".join(sys.argv[1:]),
-            "method": args.method, "model": args.model, "peers": args.peers, "peer_methods": args.peer_methods,
-            "batch_size": args.batch_size, "warmup": args.warmup, "steps": args.steps}
+    out = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "device": dev,
+           "torch": torch.__version__, "command": "python -m bench.throughput " + " ".join(sys.argv[1:]),
+           "method": args.method, "model": args.model, "peers": args.peers, "peer_methods": args.peer_methods,
+           "batch_size": args.batch_size, "warmup": args.warmup, "steps": args.steps,
+           "tf32": {"matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+                    "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+                    "float32_matmul_precision": torch.get_float32_matmul_precision(),
+                    "cudnn_benchmark": torch.backends.cudnn.benchmark}}
+    if device.type == "cuda":
+        out["peak_tflops"] = {k: peak_tflops(device, k) for k in ("bf16", "tf32", "fp32")}
+    return out
+
+
+def compare(runners: list[Runner], args, out: dict) -> None:
+    """The --compare columns (eager fp32, eager bf16 when run, fast or fast_fell_back) and their ratios."""
+    flops = runners[0].flops
+    reps = {r.label: r.report(args.batch_size, flops) for r in runners}
+    e, f, eb = reps["eager"], reps["fast"], reps.get("eager_bf16")
+    fell_back = f.get("fallback_reason") is not None
+    if fell_back:
+        f["engine"] = "fast (FELL BACK to eager)"
+    bf16 = bool(getattr(runners[1].engine, "precision", None) and runners[1].engine.precision.amp)
+    rtol = args.loss_rtol if args.loss_rtol is not None else (5e-2 if bf16 else 5e-3)
+    diffs = [abs(a - b) for a, b in zip(e["losses"], f["losses"])]
+    same = all(d <= rtol * max(1.0, abs(a)) for d, a in zip(diffs, e["losses"]))
+    out.update({"eager": e, "eager_bf16": eb, "fast": None if fell_back else f,
+                "fallback_reason": f.get("fallback_reason"), "captures": f.get("captures"),
+                "replays": f.get("replays"),
+                "ratio": None if fell_back else f["images_per_s"] / e["images_per_s"],
+                "graph_ratio": None if fell_back or eb is None else f["images_per_s"] / eb["images_per_s"],
+                "bf16_ratio": None if eb is None else eb["images_per_s"] / e["images_per_s"],
+                "same_losses": same, "max_loss_diff": max(diffs), "loss_rtol": rtol})
+    if eb is None:
+        out["eager_bf16_skipped"] = "CPU: the CPU fast engine runs fp32, so eager bf16 is not one of its parts"
+    if fell_back:
+        out["fast_fell_back"] = f
+        out["ratio_fell_back_vs_eager"] = f["images_per_s"] / e["images_per_s"]
+    if "paper" in reps:
+        pr = reps["paper"]
+        out["paper"] = pr
+        out["ratio_vs_paper"] = f["images_per_s"] / pr["images_per_s"]
+        out["paper_max_loss_diff"] = max(abs(a - b) for a, b in zip(e["losses"], pr["losses"]))
+    for r in reps.values():
+        mem = r.get("peak_step_memory_mib")
+        print(f"{r['engine']:26s} {r['ms_per_step']:9.1f} ms/step  {r['images_per_s']:8.2f} img/s  "
+              + (f"{r['achieved_tflops']:.4f} TFLOP/s" if r.get("achieved_tflops") else "")
+              + (f" ({100 * r['fraction_of_peak']:.1f}% of {r['precision']} peak)" if r.get("fraction_of_peak") else "")
+              + (f"  peak +{mem:.0f} MiB" if mem is not None else ""))
+    if fell_back:
+        print(f"FAST FELL BACK TO EAGER (no fast column): {out['fallback_reason']}")
+    else:
+        print(f"ratio fast/eager {out['ratio']:.3f}"
+              + (f"   graph gain fast/eager_bf16 {out['graph_ratio']:.3f}" if out["graph_ratio"] else "")
+              + (f"   captures {out['captures']} replays {out['replays']}" if out["captures"] is not None else ""))
+    print(f"same losses: {same} (max |dloss| {out['max_loss_diff']:.2e}, rtol {rtol})"
+          + (f"   fast/paper {out['ratio_vs_paper']:.3f}" if "paper" in reps else ""))
+
+
+# ------------------------------------------------------------------------------------ --world N (scale out)
+def _world_worker(rank: int, world: int, rendezvous: str, args, mode: str, results) -> None:
+    """One rank of ``--world``: ``mode`` is ``single`` (world 1, the plain engine on the whole batch),
+    ``data`` or ``peer``; times every step and, by wrapping torch.distributed's collectives, the time and
+    bytes spent in them."""
+    import torch.distributed as dist
+
+    from fastcollab import distributed as D
+    from fastcollab.engine import make_distributed_engine
+
+    torch.set_num_threads(args.threads or 1)
+    if mode != "single":
+        dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world)
+    spent = {"s": 0.0, "bytes": 0, "calls": 0}
+    for name in ("all_reduce", "all_gather", "broadcast"):
+        fn = getattr(dist, name)
+
+        def timed(*a, _fn=fn, **k):
+            t0 = time.perf_counter()
+            out = _fn(*a, **k)
+            spent["s"] += time.perf_counter() - t0
+            spent["bytes"] += sum(t.numel() * t.element_size() for t in a if torch.is_tensor(t))
+            spent["calls"] += 1
+            return out
+        setattr(dist, name, timed)
+    device = torch.device("cpu")
+    cohort = build_cohort(args.method, args.model, device, args.seed, args.peers, args.peer_methods)
+    engine, (index, count) = make_distributed_engine(args.engine if args.engine != "paper" else "fast", cohort,
+                                                     Precision(device), args.view_bn,
+                                                     peer_parallel=mode == "peer")
+    batches, _ = make_batches(args.warmup + args.steps, args.batch_size, device, args.seed)
+    times, ctx = [], StepContext()
+    for i, (x, y) in enumerate(batches):
+        lo, hi = D.shard_bounds(len(y), index, count)
+        if i == args.warmup:
+            spent.update(s=0.0, bytes=0, calls=0)
+        t0 = time.perf_counter()
+        engine.step(x[lo:hi], y[lo:hi], ctx)
+        times.append(time.perf_counter() - t0)
+    timed_steps = times[args.warmup:]
+    if rank == 0:
+        results[mode] = {"world": world, "ms_per_step": 1e3 * statistics.median(timed_steps),
+                         "images_per_s": args.batch_size / statistics.median(timed_steps),
+                         "collective_ms_per_step": 1e3 * spent["s"] / len(timed_steps),
+                         "collectives_per_step": spent["calls"] / len(timed_steps),
+                         "bytes_sent_per_step_per_rank": spent["bytes"] / len(timed_steps)}
+    if mode != "single":
+        dist.destroy_process_group()
+
+
+def measure_world(args, world: int) -> dict:
+    """``--world N`` (CPU, gloo): images/s of one process, then of N data-parallel and N peer-parallel processes
+    (one thread each unless --threads), in one run; collective time and bytes per step of rank 0."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    results = mp.Manager().dict()
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_world_worker, args=(1, "", args, "single", results), nprocs=1)
+        for mode in ("data", "peer"):
+            mp.spawn(_world_worker, args=(world, f"file://{tmp}/{mode}", args, mode, results), nprocs=world)
+    out = dict(results)
+    for mode in ("data", "peer"):
+        out[mode]["speedup_vs_1"] = out[mode]["images_per_s"] / out["single"]["images_per_s"]
+    for mode, r in out.items():
+        print(f"{mode:6s} x{r['world']}: {r['ms_per_step']:8.1f} ms/step  {r['images_per_s']:7.2f} img/s  "
+              f"collectives {r['collective_ms_per_step']:6.1f} ms/step ({r['collectives_per_step']:.0f} calls, "
+              f"{r['bytes_sent_per_step_per_rank'] / 1e6:.3f} MB/rank)"
+              + (f"  x{r['speedup_vs_1']:.2f} vs 1 process" if "speedup_vs_1" in r else ""))
+    return out
 
 
 def main(argv=None) -> int:
@@ -303,7 +465,8 @@ def main(argv=None) -> int:
     p.add_argument("--peer-methods", default=None, help="cat: base methods, e.g. trades,alp")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--engine", choices=["eager", "fast", "paper"], default="fast")
-    p.add_argument("--compare", action="store_true", help="eager (fp32) vs fast in one process")
+    p.add_argument("--compare", action="store_true",
+                   help="eager fp32 vs fast in one process (CUDA: and eager bf16, to separate graph and bf16 gains)")
     p.add_argument("--with-paper", action="store_true", help="with --compare: the paper-style loop as well")
     p.add_argument("--ablate", action="store_true", help="CPU: each change of the fast path alone")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 3 on CPU, 20 on CUDA)")
@@ -320,6 +483,8 @@ def main(argv=None) -> int:
                    help="let each engine's weights drift (default: every step starts from the eager state)")
     p.add_argument("--no-flops", action="store_true", help="skip the FlopCounterMode step count")
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--world", type=int, default=None,
+                   help="CPU scale-out: 1 process vs N data-parallel vs N peer-parallel processes (gloo)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -333,7 +498,9 @@ def main(argv=None) -> int:
     batches, _ = make_batches(args.warmup + args.steps, args.batch_size, device, args.seed)
     out = header(args, device)
 
-    if args.ablate:
+    if args.world:
+        out["world"] = measure_world(args, args.world)
+    elif args.ablate:
         runners = [make_runner("eager", args, device) if v is None else make_runner(k, args, device, v)
                    for k, v in ABLATIONS.items()]
         runners[0].label = "eager (reference ops)"
@@ -350,28 +517,12 @@ def main(argv=None) -> int:
                   f"x{rep['ratio_vs_eager']:.3f}  max|dloss| {rep['max_loss_diff_vs_eager']:.2e}")
     elif args.compare:
         runners = [make_runner("eager", args, device), make_runner("fast", args, device)]
+        if cuda:
+            runners.append(make_runner("eager_bf16", args, device))
         if args.with_paper:
             runners.append(make_runner("paper", args, device))
         run_interleaved(runners, batches, args)
-        flops = runners[0].flops
-        e, f = runners[0].report(args.batch_size, flops), runners[1].report(args.batch_size, flops)
-        bf16 = bool(getattr(runners[1].engine, "precision", None) and runners[1].engine.precision.amp)
-        rtol = args.loss_rtol if args.loss_rtol is not None else (5e-2 if bf16 else 5e-3)
-        diffs = [abs(a - b) for a, b in zip(e["losses"], f["losses"])]
-        same = all(d <= rtol * max(1.0, abs(a)) for d, a in zip(diffs, e["losses"]))
-        out.update({"eager": e, "fast": f, "ratio": f["images_per_s"] / e["images_per_s"],
-                    "same_losses": same, "max_loss_diff": max(diffs), "loss_rtol": rtol})
-        if args.with_paper:
-            pr = runners[2].report(args.batch_size, flops)
-            out["paper"] = pr
-            out["ratio_vs_paper"] = f["images_per_s"] / pr["images_per_s"]
-            out["paper_max_loss_diff"] = max(abs(a - b) for a, b in zip(e["losses"], pr["losses"]))
-        for r in (e, f) + ((out["paper"],) if args.with_paper else ()):
-            print(f"{r['engine']:6s} {r['ms_per_step']:9.1f} ms/step  {r['images_per_s']:8.2f} img/s  "
-                  + (f"{r['achieved_tflops']:.4f} TFLOP/s" if r.get("achieved_tflops") else "")
-                  + (f" ({100 * r['fraction_of_peak']:.1f}% of peak)" if r.get("fraction_of_peak") else ""))
-        print(f"ratio fast/eager {out['ratio']:.3f}   same losses: {same} (max |dloss| {out['max_loss_diff']:.2e}, "
-              f"rtol {rtol})" + (f"   fast/paper {out['ratio_vs_paper']:.3f}" if args.with_paper else ""))
+        compare(runners, args, out)
     else:
         r = make_runner(args.engine, args, device)
         loader = paper_batches(batches, device) if args.engine == "paper" else iter(batches)
@@ -383,11 +534,16 @@ def main(argv=None) -> int:
               + (f" ({100 * rep['fraction_of_peak']:.1f}% of peak)" if rep.get("fraction_of_peak") else ""))
     out["memory"] = _memory(device)
     print(json.dumps(out["memory"]))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    write_result(args.json, out)
     return 0
+
+
+def write_result(path: str | None, out: dict) -> None:
+    """The benchmark's JSON, when ``--json PATH`` was given (its folder created)."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(out, indent=2) + "\n")
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

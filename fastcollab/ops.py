@@ -447,10 +447,13 @@ def project_l1_(delta: torch.Tensor, eps: Scalar) -> torch.Tensor:
 def _ref_fwd(fn, tensors, needs):
     """Loss and d loss / d inputs of a reference loss (fallback for a fused backend that lacks it).
 
-    A custom op's implementation runs below the autograd dispatch keys; they are re-enabled here so the
-    reference's autograd graph can be built (and differentiated) inside the op."""
+    A custom op's implementation runs below the autograd dispatch keys; the autograd key of the tensors'
+    device (AutogradCPU, AutogradCUDA, ...) is re-enabled here so the reference's autograd graph can be built
+    (and differentiated) inside the op."""
+    dev = tensors[0].device.type
+    autograd_key = getattr(torch._C.DispatchKey, f"Autograd{dev.upper()}", torch._C.DispatchKey.AutogradOther)
     exc = torch._C._dispatch_tls_local_exclude_set()
-    exc = exc.remove(torch._C.DispatchKey.AutogradCPU).remove(torch._C.DispatchKey.ADInplaceOrView)
+    exc = exc.remove(autograd_key).remove(torch._C.DispatchKey.ADInplaceOrView)
     inc = torch._C._dispatch_tls_local_include_set()
     with torch.enable_grad(), torch._C._ForceDispatchKeyGuard(inc, exc):
         leaves = [t.detach().requires_grad_(bool(n)) if t.is_floating_point() else t for t, n in zip(tensors, needs)]

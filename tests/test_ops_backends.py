@@ -8,6 +8,7 @@ import torch
 from fastcollab import nn as fnn
 from fastcollab import ops
 from fastcollab import reference as R
+from fastcollab.engine.fast import ops_backend
 from fastcollab.errors import FastcollabError
 
 # Triton under the CPU interpreter (tests/conftest.py sets TRITON_INTERPRET=1) is tested by
@@ -355,13 +356,24 @@ def test_cuda_pgd_step_matches_reference(norm):
     eps, step = torch.tensor([0.03, 1.0], device="cuda"), torch.tensor([0.01, 0.05], device="cuda")
     k = torch.randint(5, 21, (2, 64), device="cuda") if norm == "l1" else None
     want = R.pgd_step_(xa.clone(), g, x, eps, step, norm, l1_k=k)
-    for b in ops.available_backends():
-        ops.set_backend(b)
-        got = ops.pgd_step_(xa.clone(), g, x, eps, step, norm, l1_k=k)
+    assert _cuda_backends() == ["reference", "cpp", "triton"]
+    for b in _cuda_backends():
+        with ops_backend(b):
+            assert ops.resolve("pgd_step_", "cuda", torch.float32) == b      # the backend that runs is b
+            got = ops.pgd_step_(xa.clone(), g, x, eps, step, norm, l1_k=k)
         if norm == "linf":
             assert torch.equal(got, want), b
         else:
-            torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=0, msg=b)
+
+
+def _cuda_backends():
+    """Every backend must run on a GPU: the cpp one with its CUDA kernels (a GPU check builds them with
+    FASTCOLLAB_REQUIRE_EXT=1), else this says why they are missing."""
+    from fastcollab import _ext
+
+    assert _ext.has_cuda_kernels(), _ext.cuda_kernels_missing_reason()
+    return [b for b in ops.available_backends() if ops._supports(b, "pgd_step_", torch.device("cuda"), torch.float32)]
 
 
 @pytest.mark.cuda
@@ -370,9 +382,11 @@ def test_cuda_losses_and_graph_capture():
     s = torch.randn(128, 10, device="cuda", requires_grad=True)
     t = torch.randn(128, 10, device="cuda")
     y = torch.randint(0, 10, (128,), device="cuda")
+    assert ops.resolve("kl_div", "cuda") == "triton" and ops.resolve("mart_loss", "cuda") == "triton"
     torch.testing.assert_close(ops.kl_div(s, t, 2.0), R.kl_div(s, t, 2.0), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ops.mart_loss(t, s, y), R.mart_loss(t, s, y), rtol=1e-5, atol=1e-6)
     xa, g, x = (u.cuda() for u in _imgs((2, 8, 3, 8, 8)))
+    assert ops.resolve("pgd_step_", "cuda", torch.float32) == "triton"   # the default on a GPU
     ops.pgd_step_(xa, g, x, 0.03, 0.01, "linf")  # warm-up outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()

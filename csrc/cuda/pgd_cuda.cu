@@ -1,11 +1,13 @@
 // CUDA kernels for fastcollab::native_pgd_step_ and fastcollab::native_project_l1_ (the schemas are in
 // csrc/fastcollab_cpu.cpp). Compiled only when torch has CUDA and nvcc is found (setup.py), with
 // --fmad=false so the l_inf step repeats the reference's rounding exactly.
-// NOTE: this file has not been compiled or run on a GPU in the development environment (CPU-only torch);
-// tests/test_ops_backends.py::test_cuda_* cover it on a GPU machine.
+// tests/test_cuda_compile.py compiles it (nvcc -c, sm_90) against the installed torch's headers on every CI
+// run; it has not yet run on a GPU (tests/test_ops_backends.py::test_cuda_* and bench/gpu_check.sh do that).
+// Only c10/cuda headers are included for the stream: ATen/cuda/CUDAContext.h pulls cuBLAS/cuSPARSE headers.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <string>
@@ -21,6 +23,13 @@ template <typename T>
 __device__ __forceinline__ T sign_step(T g, T st) {
   return g > T(0) ? st : (g < T(0) ? -st : T(0));
 }
+template <typename T>
+__device__ __forceinline__ bool l1_stuck(T a, T g, T st) {
+  // l1 steepest-ascent mask of Maini et al. (robust_union, l1_dir_topk, gap = step): within one step of an
+  // edge and moving towards it, or on / past an edge whatever the gradient
+  return (a <= st && g < T(0)) || (a >= T(1) - st && g > T(0)) || a <= T(0) || a >= T(1);
+}
+
 template <typename T>
 __device__ __forceinline__ T clamp01(T t) {
   t = t < T(0) ? T(0) : t;
@@ -171,7 +180,8 @@ __global__ void l1_kernel(T* xa, const T* g, const T* x, T* work, int64_t D, int
   const T* xr = x + (r * D) % xN;
   T* d = work + r * D;
   const int64_t kr = k[r];
-  const int kk = (int)min<int64_t>(min<int64_t>(kL1KMax, D), kr);
+  const int64_t k_cap = D < (int64_t)kL1KMax ? D : (int64_t)kL1KMax;  // no mixed-type min() overload on device
+  const int kk = (int)(kr < k_cap ? kr : k_cap);
   // k rounds of (max score, lowest index reaching it), knocking out the chosen ones
   for (int q = 0; q < kk; ++q) {
     T bv = T(-1);
@@ -181,7 +191,7 @@ __global__ void l1_kernel(T* xa, const T* g, const T* x, T* work, int64_t D, int
       for (int u = 0; u < q; ++u) taken |= (chosen[u] == j);
       if (taken) continue;
       const T gj = gr[j];
-      const bool stuck = (a[j] <= T(0) && gj < T(0)) || (a[j] >= T(1) && gj > T(0));
+      const bool stuck = l1_stuck(a[j], gj, st);
       const T sc = stuck ? T(0) : fabs(gj);
       if (sc > bv || (sc == bv && j < bi)) { bv = sc; bi = j; }
     }
@@ -211,7 +221,7 @@ __global__ void l1_kernel(T* xa, const T* g, const T* x, T* work, int64_t D, int
       const int64_t j = chosen[q];
       if (j >= D) continue;
       const T gj = gr[j];
-      const bool stuck = (a[j] <= T(0) && gj < T(0)) || (a[j] >= T(1) && gj > T(0));
+      const bool stuck = l1_stuck(a[j], gj, st);
       if (!stuck) d[j] = a[j] + sign_step(gj, mag);
     }
   }
@@ -240,7 +250,7 @@ void pgd_step_cuda(at::Tensor& x_adv, const at::Tensor& grad, const at::Tensor& 
               "fastcollab cuda pgd_step_: tensors must be contiguous");
   if (x_adv.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(x_adv.device());
-  auto stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor e = per_peer(eps, eps_t, x_adv), s = per_peer(step, step_t, x_adv);
   const int64_t P = peers_of(x_adv, e, s);
   const int64_t N = x_adv.numel();
@@ -281,7 +291,7 @@ void project_l1_cuda(at::Tensor& delta, double eps, const c10::optional<at::Tens
   const int64_t D = delta.size(-1) * delta.size(-2) * delta.size(-3);
   const int64_t R = delta.numel() / D;
   AT_DISPATCH_FLOATING_TYPES(delta.scalar_type(), "fastcollab_project_l1_cuda", [&] {
-    project_kernel<scalar_t><<<R, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+    project_kernel<scalar_t><<<R, kThreads, 0, c10::cuda::getCurrentCUDAStream().stream()>>>(
         delta.data_ptr<scalar_t>(), D, R / P, e.data_ptr<scalar_t>(), (int)e.numel());
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
