@@ -53,6 +53,13 @@ inline T sign_step(T g, T st) {
 }
 
 template <typename T>
+inline bool l1_stuck(T a, T g, T st) {
+  // l1 steepest-ascent mask of Maini et al. (robust_union, l1_dir_topk, gap = step): within one step of an
+  // edge and moving towards it, or on / past an edge whatever the gradient
+  return (a <= st && g < T(0)) || (a >= T(1) - st && g > T(0)) || a <= T(0) || a >= T(1);
+}
+
+template <typename T>
 inline T clamp01(T t) {
   t = t < T(0) ? T(0) : t;
   return t > T(1) ? T(1) : t;
@@ -196,7 +203,7 @@ void pgd_l1(at::Tensor& xa, const at::Tensor& g, const at::Tensor& x, const std:
       int64_t cnt = 0;
       for (int64_t j = 0; j < D; ++j) {
         const T gj = gr[j];
-        const bool stuck = (a[j] <= T(0) && gj < T(0)) || (a[j] >= T(1) && gj > T(0));
+        const bool stuck = l1_stuck(a[j], gj, st);
         const T sc = stuck ? T(0) : std::abs(gj);
         if (cnt == kk && !(sc > top_s[kk - 1])) continue;
         int64_t pos = cnt < kk ? cnt : kk - 1;
@@ -216,7 +223,7 @@ void pgd_l1(at::Tensor& xa, const at::Tensor& g, const at::Tensor& x, const std:
       for (int64_t q = 0; q < nsel; ++q) {
         const int64_t j = top_i[q];
         const T gj = gr[j];
-        const bool stuck = (a[j] <= T(0) && gj < T(0)) || (a[j] >= T(1) && gj > T(0));
+        const bool stuck = l1_stuck(a[j], gj, st);
         if (!stuck) d[j] = a[j] + sign_step(gj, mag);
       }
       for (int64_t j = 0; j < D; ++j) d[j] = d[j] - xr[j];

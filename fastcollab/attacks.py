@@ -72,6 +72,12 @@ def _guide_kl(logits, y, ref):
     return ops.kl_div(logits["attacked"], logits["guide"], reduction="none", detach_teacher=False)
 
 
+def _guide_kl_student_grad(logits, y, ref):
+    """MMARD inner objective with the teacher's ``p_T(x')`` held constant at each step (``--guide-grad
+    student``): the ascent direction comes from the student alone."""
+    return ops.kl_div(logits["attacked"], logits["guide"], reduction="none")
+
+
 Objective = Callable[[Mapping[str, torch.Tensor], torch.Tensor, Mapping[str, torch.Tensor]], torch.Tensor]
 
 OBJECTIVES: dict[str, Objective] = {
@@ -81,11 +87,12 @@ OBJECTIVES: dict[str, Objective] = {
     "trades_kl": _trades_kl,
     "teacher_kl": _teacher_kl,
     "guide_kl": _guide_kl,
+    "guide_kl_sg": _guide_kl_student_grad,
 }
 # which reference logits (computed once, before the loop, no grad, eval BN) an objective reads
 OBJECTIVE_REFS = {"trades_kl": ("attacked_clean",), "teacher_kl": ("guide_clean",)}
 # objectives that evaluate the guide model on x' at every step
-OBJECTIVES_WITH_GUIDE_IN_LOOP = ("guide_kl",)
+OBJECTIVES_WITH_GUIDE_IN_LOOP = ("guide_kl", "guide_kl_sg")
 
 
 @dataclass(frozen=True)
@@ -160,9 +167,11 @@ def random_init(x: torch.Tensor, spec: AttackSpec) -> torch.Tensor:
     if spec.norm == "linf":
         delta = torch.empty_like(x).uniform_(-spec.eps, spec.eps)
     else:
-        # a random direction (Gaussian for l2, Laplace for l1) scaled to a radius drawn uniformly in [0, eps]
+        # a random direction (Gaussian for l2, Laplace for l1) scaled to a radius drawn uniformly in [0, eps];
+        # Laplace(0, 1) = Exp(1) - Exp(1), drawn on x's device by torch's generator (CUDA-graph safe, no copy)
         p = 2 if spec.norm == "l2" else 1
-        direction = torch.randn_like(x) if p == 2 else torch.distributions.Laplace(0.0, 1.0).sample(x.shape).to(x)
+        direction = (torch.randn_like(x) if p == 2
+                     else torch.empty_like(x).exponential_() - torch.empty_like(x).exponential_())
         direction = direction / (_per_example_norm(direction, p) + 1e-12)
         radius = torch.rand(x.shape[0], *([1] * (x.dim() - 1)), device=x.device, dtype=x.dtype) * spec.eps
         delta = direction * radius

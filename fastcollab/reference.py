@@ -144,13 +144,16 @@ def _pgd_l1_(x_adv, grad, x, eps, step, l1_k):
     xa = _rows(x_adv).to(cdt)  # [*lead, D]
     g = _rows(grad).to(cdt)
     D = xa.shape[-1]
-    stuck = ((xa <= 0) & (g < 0)) | ((xa >= 1) & (g > 0))
+    s = _per_row_flat(step, lead, cdt, x_adv.device)
+    # Maini et al.'s mask (robust_union, l1_dir_topk with gap = step): within one step of an edge and moving
+    # towards it, or on / past an edge whatever the gradient
+    gap = torch.as_tensor(s, dtype=cdt, device=x_adv.device)  # 1 - gap in the compute dtype, as the kernels
+    stuck = ((xa <= gap) & (g < 0)) | ((xa >= 1 - gap) & (g > 0)) | (xa <= 0) | (xa >= 1)
     score = torch.where(stuck, torch.zeros_like(g), g.abs())
     kk = min(L1_K_MAX, D)
     idx = torch.topk(score, kk, dim=-1).indices  # [*lead, kk]
     ranks = torch.arange(kk, device=x_adv.device)
     keep = ranks < k.unsqueeze(-1)
-    s = _per_row_flat(step, lead, cdt, x_adv.device)
     mag = s * float(L1_K_MAX) / k.to(cdt).unsqueeze(-1)  # step * 20 / k, [*lead, 1]
     gsel = torch.gather(g, -1, idx)
     movable = ~torch.gather(stuck, -1, idx)
@@ -180,9 +183,10 @@ def pgd_step_(
     * ``l2``: ``g = grad/(||grad||+1e-12)`` per example, ``d = x_adv + step*g - x``,
       ``d *= min(1, eps/(||d||+1e-12))``, ``x_adv = clamp(x + d, 0, 1)`` (math in fp32 or better).
     * ``l1``: steepest ascent of Maini, Wong & Kolter (2020), "Adversarial robustness against the union
-      of multiple perturbation models": coordinates that cannot move (at 0 with grad<0, at 1 with
-      grad>0) are masked; per example the top-k movable coordinates by |grad| move by
-      ``step*20/k*sign(grad)``, k ~ U{5..20} drawn per example per call (or ``l1_k``); then
+      of multiple perturbation models": coordinates that should not move are masked, as their code does
+      (``l1_dir_topk`` with ``gap = step``): ``x_adv <= step`` with grad<0, ``x_adv >= 1-step`` with
+      grad>0, and ``x_adv <= 0`` or ``x_adv >= 1`` whatever the gradient; per example the top-k movable
+      coordinates by |grad| move by ``step*20/k*sign(grad)``, k ~ U{5..20} drawn per example per call (or ``l1_k``); then
       ``d = x_adv - x`` is projected on the l1 ball (:func:`project_l1_`) and ``x+d`` clamped to [0,1].
 
     ``x`` may be ``[B,C,H,W]`` while ``x_adv`` is ``[P,B,C,H,W]`` (clean images shared by the peers).

@@ -14,8 +14,9 @@ so fp64 l_inf is bit-exact with the fp64 torch sequence too):
   sends reduced-precision images to the reference instead).
 * l2 (one program per row): ``g = grad / (||grad||_2 + 1e-12)``; ``t = x_adv + step*g``; ``d = t - x``;
   ``d *= min(1, eps / (||d||_2 + 1e-12))``; ``x_adv = clamp(x + d, 0, 1)``.
-* l1 (Maini et al., steepest ascent; one program per row): coordinates that cannot move (x_adv <= 0 with
-  grad < 0, or x_adv >= 1 with grad > 0) are masked; the k largest |grad| among the movable coordinates
+* l1 (Maini et al., steepest ascent; one program per row): coordinates masked as their code does (within
+  one step of an edge and moving towards it: x_adv <= step with grad < 0, x_adv >= 1 - step with grad > 0;
+  or on an edge: x_adv <= 0 or x_adv >= 1); the k largest |grad| among the movable coordinates
   are selected by k rounds of (row max, first index reaching it, knock out); each moves
   ``step*20/k*sign(grad)``; then d = x_adv - x is projected onto the l1 ball of radius eps (see
   project_l1.py; only rows with ||d||_1 > eps change) and ``x_adv = clamp(x + d, 0, 1)``.
@@ -100,7 +101,8 @@ def _pgd_l1_kernel(xa_ptr, g_ptr, x_ptr, eps_ptr, step_ptr, k_ptr, row_len, rows
     g = _upcast(tl.load(g_ptr + base + offs, mask=mask, other=0.0))
     x = _upcast(tl.load(x_ptr + xbase + offs, mask=mask, other=0.0))
 
-    stuck = ((xa <= 0.0) & (g < 0.0)) | ((xa >= 1.0) & (g > 0.0))
+    # Maini et al.'s mask (robust_union, l1_dir_topk, gap = step)
+    stuck = ((xa <= step) & (g < 0.0)) | ((xa >= 1.0 - step) & (g > 0.0)) | (xa <= 0.0) | (xa >= 1.0)
     movable = mask & (~stuck)
     # candidates: |g| on movable lanes, -1 elsewhere (never selected: guarded by a >= 0 below)
     a = tl.where(movable, tl.abs(g), -1.0)

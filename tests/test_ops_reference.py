@@ -153,13 +153,14 @@ def test_l1_masks_stuck_coordinates_and_projects():
     g = torch.ones(2, 1, 2, 16)
     g[:, :, 1] = -1.0
     g[:, :, 0] *= 10  # the largest |g| sit at 1 with g > 0: stuck
-    g[:, :, 1, :3] = 0.5  # a few movable ones (at 0 with g > 0)
+    x[:, :, 1, :3] = 0.5  # a few movable ones: interior (Maini et al. also mask x_adv <= 0 whatever g)
+    g[:, :, 1, :3] = 0.5
     g[:, :, 1, 3:] = -1.0  # at 0 with g < 0: stuck
     out = R.pgd_step_(x.clone(), g, x, 0.3, 0.05, "l1", l1_k=5)
     assert torch.equal(out[:, :, 0], x[:, :, 0])
     assert (out[:, :, 1, 3:] == 0).all()
     assert ((out - x).flatten(1).abs().sum(1) <= 0.3 + 1e-6).all()
-    assert (out[:, :, 1, :3] > 0).all()
+    assert (out[:, :, 1, :3] > 0.5).all()
 
 
 def test_l1_random_k_on_device_and_ball():

@@ -169,6 +169,12 @@ def _row_values(v, lead):
     return v.repeat_interleave(n // v.numel())
 
 
+def l1_stuck(xa, g, step):
+    """Maini et al.'s mask (robust_union l1_dir_topk, gap = step): within one step of an edge moving towards
+    it, or on an edge."""
+    return ((xa <= step) & (g < 0)) | ((xa >= 1 - step) & (g > 0)) | (xa <= 0) | (xa >= 1)
+
+
 def l1_formula64(x_adv, grad, x, eps, step, k):
     """Maini et al. steepest ascent (top-k |g| among movable coords) + float64 Duchi projection."""
     lead = x_adv.shape[:-3]
@@ -176,14 +182,14 @@ def l1_formula64(x_adv, grad, x, eps, step, k):
     xa = x_adv.reshape(-1, D)
     g = grad.reshape(-1, D)
     xx = x.expand_as(x_adv).reshape(-1, D)
-    stuck = ((xa <= 0) & (g < 0)) | ((xa >= 1) & (g > 0))
+    s = _row_values(step, lead)[:, None]
+    stuck = l1_stuck(xa, g, s)
     score = torch.where(stuck, torch.full_like(g, -1.0), g.abs())
     kk = k.expand(lead).reshape(-1)
     order = score.argsort(dim=1, descending=True)
     ranks = torch.empty_like(order)
     ranks.scatter_(1, order, torch.arange(D, device=DEV).expand_as(order).contiguous())
     sel = (ranks < kk[:, None]) & ~stuck
-    s = _row_values(step, lead)[:, None]
     mv = s * 20.0 / kk[:, None].double()
     xa1 = xa.double() + torch.where(sel, mv * g.double().sign(), torch.zeros_like(mv))
     d = duchi64(xa1 - xx.double(), _row_values(eps, lead))
@@ -288,8 +294,8 @@ def test_pgd_l1(shape, eps, step):
     want, sel = l1_formula64(xa, g, x, eps, step, k)
     out = K.pgd_step_(xa.clone(), g, x, eps, step, "l1", l1_k=k)
     torch.testing.assert_close(out.double(), want, rtol=0, atol=1e-5)
-    # stuck coordinates (at the edge, gradient pointing out) never get selected
-    stuck = ((xa <= 0) & (g < 0)) | ((xa >= 1) & (g > 0))
+    # masked coordinates (within one step of an edge moving towards it, or on an edge) never get selected
+    stuck = l1_stuck(xa, g, _row_values(step, lead).reshape(*lead, 1, 1, 1))
     assert not (sel & stuck).any()
     if R is not None:
         torch.testing.assert_close(out, R.pgd_step_(xa.clone(), g, x, eps, step, "l1", l1_k=k), rtol=0, atol=1e-5)

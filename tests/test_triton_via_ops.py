@@ -177,12 +177,14 @@ def _l1_formula(xa, g, x, eps, step, k):
     g64 = g.double().reshape(-1, D)
     x64 = x.double().expand(xa.shape).reshape(-1, D)
     kk = k.expand(lead).reshape(-1)
-    stuck = ((xa64 <= 0) & (g64 < 0)) | ((xa64 >= 1) & (g64 > 0))
+    s = _row_param(step, lead, torch.float64)
+    # Maini et al.'s l1_dir_topk mask (gap = step): within one step of an edge moving towards it, or on an edge
+    gap = s.to(xa.dtype).double()[:, None]  # the kernels compare in the images' dtype
+    stuck = ((xa64 <= gap) & (g64 < 0)) | ((xa64 >= 1 - gap) & (g64 > 0)) | (xa64 <= 0) | (xa64 >= 1)
     score = torch.where(stuck, torch.full_like(g64, -1.0), g64.abs())
     order = torch.sort(score, dim=1, descending=True, stable=True).indices  # ties: lowest index first
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(D, device=DEV).expand_as(order))
     sel = (rank < kk[:, None]) & ~stuck
-    s = _row_param(step, lead, torch.float64)
     mv = (s * 20.0 / kk.double())[:, None]
     xa1 = xa64 + torch.where(sel, mv * torch.sign(g64), torch.zeros_like(g64))
     d = duchi64(xa1 - x64, _row_param(eps, lead, torch.float64))

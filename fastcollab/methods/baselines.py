@@ -77,7 +77,8 @@ RECIPES: dict[str, Recipe] = {
     "at": Recipe("at", "ce", "uniform", "train", False, True, _at_loss),
     "trades": Recipe("trades", "trades_kl", "normal", "eval", True, True, _trades_loss),
     "mart": Recipe("mart", "ce", "normal", "eval", True, True, _mart_loss),
-    "alp": Recipe("alp", "ce", "uniform", "train", True, True, _alp_loss),
+    # ALP crafts x' with eval-mode BN, as the official ALP code and CAT's ALP peer (train_cat.py --BNeval) do
+    "alp": Recipe("alp", "ce", "uniform", "eval", True, True, _alp_loss),
 }
 
 # shared schedule/optimizer defaults (CIFAR-10, l_inf): DESIGN §2.1
@@ -85,6 +86,12 @@ _MADRY = {"epochs": 200, "lr": 0.1, "lr_drops": [100, 150], "weight_decay": 5e-4
           "eps": 8 / 255, "step": 2 / 255, "attack_steps": 10}
 _TRADES = {"epochs": 100, "lr": 0.1, "lr_drops": [75, 90], "weight_decay": 2e-4,
            "eps": 0.031, "step": 0.007, "attack_steps": 10, "beta": 6.0}
+# the official TRADES script (train_trades_cifar10.py) runs 76 epochs: ×0.1 from its 1-based epoch 75 (our
+# 0-based 74), so its drops at 90/100 never happen — an implicit early stop two epochs after the first drop
+_TRADES_CODE = {**_TRADES, "epochs": 76, "lr_drops": [74]}
+# the official MART WRN-34-10 script (train_wideresnet.py): 90 epochs, lr 0.1, wd 7e-4, ×0.1 from 1-based
+# epochs 75 and 90 (0-based 74 and 89), β = 6
+_MART_WRN = {"epochs": 90, "lr": 0.1, "lr_drops": [74, 89], "weight_decay": 7e-4, "beta": 6.0}
 
 
 def is_wide(model: str) -> bool:
@@ -133,7 +140,7 @@ def _single(recipe_name: str, summary: str, defaults: dict, model_defaults=None,
     attrs = {"name": recipe_name, "summary": summary, "recipe": recipe, "cli_options": cli_options or {},
              "defaults": {"attack_init": recipe.init, "attack_bn": recipe.bn_mode, **defaults}}
     if model_defaults is not None:
-        attrs["defaults_for"] = classmethod(lambda cls, model: {**cls.defaults, **model_defaults(model)})
+        attrs["defaults_for"] = classmethod(lambda cls, model, dataset=None: {**cls.defaults, **model_defaults(model)})
     cls = type(f"{recipe_name.capitalize()}Method", (SinglePeerMethod,), attrs)
     return register_method(cls)
 
@@ -142,10 +149,10 @@ _single("nat", "natural training, CE(f(x), y)",
         {"epochs": 100, "lr": 0.1, "lr_drops": [75, 90], "weight_decay": 5e-4,
          "eps": 8 / 255, "step": 2 / 255, "attack_steps": 10})
 _single("at", "PGD adversarial training (Madry et al.)", _MADRY)
-_single("trades", "TRADES (Zhang et al. 2019)", _TRADES, cli_options=BETA_OPTION)
+_single("trades", "TRADES (Zhang et al. 2019)", _TRADES_CODE, cli_options=BETA_OPTION)
 _single("mart", "MART (Wang et al. 2020)",
         {**_TRADES, "beta": 6.0},
-        model_defaults=lambda model: {**mart_schedule(model), "beta": 6.0 if is_wide(model) else 5.0},
+        model_defaults=lambda model: _MART_WRN if is_wide(model) else {**mart_schedule(model), "beta": 5.0},
         cli_options=BETA_OPTION)
 _single("alp", "adversarial logit pairing (Kannan et al. 2018)", {**_MADRY, "alp_lambda": 1.0},
         cli_options=ALP_OPTION)

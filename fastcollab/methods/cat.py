@@ -26,6 +26,16 @@ class CAT(Method):
     MART: CE-PGD) and the peer's logits are constants (the paper's ``ĝ``, ``f̂``). The paper writes
     ``D_KL(f(x'), ĝ(x'))`` in PyTorch's KLDivLoss argument order, i.e. the peer's distribution is the
     target: we follow that, ``KL(p_peer ‖ p_self)``. α = 0.05 (the paper's default, Sec. 4.2).
+
+    BatchNorm follows CAT's official script (train_cat.py run by train_cat.sh with ``--BNeval``):
+
+    - every peer crafts ``x'_i`` with **eval-mode** BN (``attack_bn: eval``): ``--BNeval`` puts the AT / ALP
+      peer's PGD in eval mode and the TRADES peer's KL attack (trades.py) is always in eval mode.
+      ``attack_bn: per-peer`` (YAML only) gives each peer its baseline's mode instead (AT: train);
+    - the peer-side logits ``p_j(x'_i)`` are computed in **train** mode (``view_bn: train``), as the script
+      does (``model1(x_adv2)`` inside the training step, then detached): batch statistics, and the peer's
+      running statistics also see the other peer's adversarial batch. ``--view-bn eval`` is the cheaper
+      variant (one batched eval forward per peer), not the paper's.
     """
 
     name = "cat"
@@ -33,7 +43,7 @@ class CAT(Method):
     defaults = {"peer_methods": ["trades", "alp"], "alpha": 0.05, "beta": 6.0, "alp_lambda": 1.0,
                 "epochs": 200, "lr": 0.1, "lr_drops": [100, 150],
                 "weight_decay": 5e-4, "eps": 8 / 255, "step": 2 / 255, "attack_steps": 10,
-                "attack_init": "per-peer", "attack_bn": "per-peer"}
+                "attack_init": "per-peer", "attack_bn": "eval", "view_bn": "train"}
 
     cli_options = {
         "--peer-methods": {"dest": "peer_methods", "type": lambda s: [t.strip() for t in s.split(",") if t.strip()],

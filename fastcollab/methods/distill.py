@@ -23,6 +23,8 @@ from .registry import register_method
 STUDENT, TEACHER = "p0", "teacher"
 ADV = adv_key(STUDENT)
 KL_REDUCTIONS = ("batchmean", "mean")
+GUIDE_GRADS = ("both", "student")
+TRIANGLE_REDUCTIONS = ("mean", "sum")
 
 TEACHER_OPTION = {"--teacher": {"dest": "teacher",
                                 "help": "ard / rslad / iad / mmard / adt: frozen teacher, RUN_DIR or RUN_DIR:K "
@@ -57,7 +59,9 @@ class ARD(Distillation):
 
     ``L = α·τ²·KL(sg p_T^τ(x) ‖ p_S^τ(x')) + (1−α)·CE(S(x), y)``, ``p^τ = softmax(z/τ)``, τ = 30, α = 1
     (CIFAR-10), attack with train-mode BN and a uniform start as in the ARD code; 200 epochs, lr 0.1 ×0.1 at
-    100 and 150, wd 2e-4. With α = 1 the clean CE term (and the clean student view) is skipped."""
+    100 and 150, wd 2e-4. The clean student forward ``S(x)`` runs at every step even when α = 1 (its CE term
+    then weighs 0), as the official ARD code does: that train-mode forward is where the student's BatchNorm
+    running statistics see clean images, which the evaluation's clean accuracy depends on."""
 
     name = "ard"
     summary = "adversarially robust distillation (Goldblum et al. 2020), frozen robust teacher"
@@ -76,19 +80,14 @@ class ARD(Distillation):
         return [AttackPlan(ADV, STUDENT, self.attack_spec("ce"))]
 
     def views(self):
-        v = [View(STUDENT, ADV), View(TEACHER, CLEAN, grad=False)]
-        return v + ([View(STUDENT, CLEAN)] if self.hp["alpha"] < 1 else [])
+        return [View(STUDENT, ADV), View(STUDENT, CLEAN), View(TEACHER, CLEAN, grad=False)]
 
     def loss(self, table: LogitTable, y, ctx: StepContext) -> LossResult:
         a, tau = self.hp["alpha"], self.hp["temperature"]
         kd = self.kl(table[STUDENT, ADV], table[TEACHER, CLEAN], T=tau) * tau * tau
-        terms = {"kd": kd}
-        total = a * kd
-        if a < 1:
-            ce = F.cross_entropy(table[STUDENT, CLEAN], y)
-            terms["ce"] = ce
-            total = total + (1 - a) * ce
-        return LossResult(total, terms, {STUDENT: accuracy_of(table[STUDENT, ADV], y)})
+        ce = F.cross_entropy(table[STUDENT, CLEAN], y)
+        return LossResult(a * kd + (1 - a) * ce, {"kd": kd, "ce": ce},
+                          {STUDENT: accuracy_of(table[STUDENT, ADV], y)})
 
 
 @register_method
@@ -183,18 +182,35 @@ class MMARD(Distillation):
     ``L = KL(sg p_T(x') ‖ p_S(x')) + α·L_TRD``, α = 1,
     with L_TRD (Eq. 5–6) the Huber (δ = 1) distance between the teacher's and the student's triangle
     cosines ``ψ = cos∠(M(x) − y, M(x') − y)`` (probabilities and one-hot y; ``--triangle-space logits``),
-    via ``ops.triangle_huber``. Eq. 6 sums ``l_δ`` over x ∪ x'; we average over the batch (``mean``).
-    300 epochs, cosine lr from 0.1, wd 2e-4, step 2/255, eps 8/255, 10 steps."""
+    via ``ops.triangle_huber``. 300 epochs, cosine lr from 0.1, wd 2e-4, step 2/255, eps 8/255, 10 steps.
+
+    The paper leaves three choices open (no official code was available to us); each is an option:
+
+    - ``--guide-grad both|student`` — the inner gradient: Alg. 1 line 8 is ``∇_{x'} KL(S(x'), T(x'))`` with
+      the teacher evaluated on the current x' and no stop-gradient, so ``both`` (default, the literal reading)
+      differentiates through T(x') as well; ``student`` treats ``p_T(x')`` as a constant at each step;
+    - ``--kl-reduction batchmean|mean`` — Eq. 4's KL as defined (sum over classes, batch average: default)
+      or ARD/RSLAD code's ``nn.KLDivLoss()`` average over batch × classes (C times smaller);
+    - ``--triangle-reduction mean|sum`` — Eq. 6 writes ``Σ_{x∪x'} l_δ``; the default ``mean`` averages
+      over the batch so that α = 1 weighs L_TRD like the batch-averaged KL it is added to (a sum grows with
+      the batch size: 128× at batch 128); ``sum`` is the literal formula."""
 
     name = "mmard"
     summary = "min-max robustness distillation (triangle relation), frozen robust teacher"
     defaults = {**_ROBUST_KD, "alpha": 1.0, "huber_delta": 1.0, "triangle_space": "probs",
+                "guide_grad": "both", "triangle_reduction": "mean",
                 "kl_reduction": "batchmean", "epochs": 300, "lr_drops": [], "schedule": "cosine",
                 "attack_init": "normal", "attack_bn": "eval"}
     cli_options = {**TEACHER_OPTION, **KL_OPTION,
                    "--huber-delta": {"dest": "huber_delta", "type": float, "help": "mmard: Huber δ (1)"},
                    "--triangle-space": {"dest": "triangle_space", "choices": ["probs", "logits"],
-                                        "help": "mmard: triangle vertices from probabilities (paper) or logits"}}
+                                        "help": "mmard: triangle vertices from probabilities (paper) or logits"},
+                   "--guide-grad": {"dest": "guide_grad", "choices": list(GUIDE_GRADS),
+                                    "help": "mmard: inner gradient through teacher and student (both, Alg. 1 "
+                                            "read literally) or the student only"},
+                   "--triangle-reduction": {"dest": "triangle_reduction", "choices": list(TRIANGLE_REDUCTIONS),
+                                            "help": "mmard: L_TRD averaged over the batch (mean) or summed "
+                                                    "(Eq. 6 literally)"}}
 
     def __init__(self, hp):
         super().__init__(hp)
@@ -202,9 +218,14 @@ class MMARD(Distillation):
             raise FastcollabError(f"--triangle-space must be probs or logits, got {self.hp['triangle_space']!r}")
         if not self.hp["huber_delta"] > 0:
             raise FastcollabError(f"--huber-delta must be > 0, got {self.hp['huber_delta']}")
+        if self.hp["guide_grad"] not in GUIDE_GRADS:
+            raise FastcollabError(f"--guide-grad must be both or student, got {self.hp['guide_grad']!r}")
+        if self.hp["triangle_reduction"] not in TRIANGLE_REDUCTIONS:
+            raise FastcollabError(f"--triangle-reduction must be mean or sum, got {self.hp['triangle_reduction']!r}")
 
     def attacks(self):
-        return [AttackPlan(ADV, STUDENT, self.attack_spec("guide_kl"), guide=TEACHER)]
+        objective = "guide_kl" if self.hp["guide_grad"] == "both" else "guide_kl_sg"
+        return [AttackPlan(ADV, STUDENT, self.attack_spec(objective), guide=TEACHER)]
 
     def views(self):
         return [View(STUDENT, ADV), View(STUDENT, CLEAN), View(TEACHER, CLEAN, grad=False),
@@ -215,6 +236,7 @@ class MMARD(Distillation):
         t_adv, t_nat = table[TEACHER, ADV], table[TEACHER, CLEAN]
         kd = self.kl(s_adv, t_adv)
         trd = ops.triangle_huber(s_nat, s_adv, t_nat, t_adv, y, delta=self.hp["huber_delta"],
-                                 use_probs=self.hp["triangle_space"] == "probs")
+                                 use_probs=self.hp["triangle_space"] == "probs",
+                                 reduction=self.hp["triangle_reduction"])
         return LossResult(kd + self.hp["alpha"] * trd, {"kd": kd, "triangle": trd},
                           {STUDENT: accuracy_of(s_adv, y)})

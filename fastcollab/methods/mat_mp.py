@@ -64,6 +64,9 @@ class MATMP(Method):
     Soft labels come from the peers' clean predictions, as in MAT. The l_inf/general ``--eps``,
     ``--step-size`` and ``--attack-steps`` only set the per-epoch PGD-10 monitor; the training attacks are
     ``--specialist-norms/-eps/-steps/-step-sizes`` (lists, one entry per specialist) and ``--msd-steps``.
+    ``--attack-objective`` replaces the boosted CE in every training attack (specialists, generalist, MSD).
+    The l1 attack is Maini et al.'s steepest ascent (``ops.pgd_step_``), masking coordinates within one
+    step of the box edge as their code does.
     """
 
     name = "mat-mp"
@@ -90,7 +93,7 @@ class MATMP(Method):
     }
 
     @classmethod
-    def defaults_for(cls, model):
+    def defaults_for(cls, model, dataset=None):
         return {**cls.defaults, **mart_schedule(model)}
 
     def __init__(self, hp):
@@ -117,10 +120,11 @@ class MATMP(Method):
         if int(h["msd_steps"]) < 1:
             raise FastcollabError(f"--msd-steps must be >= 1, got {h['msd_steps']}")
         init = h["attack_init"]
-        self.specs = [AttackSpec(norm=n, eps=e, step=s, steps=k, init=init, objective="bce", bn_mode=h["attack_bn"])
-                      for n, e, k, s in zip(norms, eps, steps, sizes)]
+        objective = h.get("attack_objective") or "bce"  # MAT's boosted CE (Eq. 1) unless overridden
+        self.specs = [AttackSpec(norm=n, eps=e, step=s, steps=k, init=init, objective=objective,
+                                 bn_mode=h["attack_bn"]) for n, e, k, s in zip(norms, eps, steps, sizes)]
         self.specialists = [specialist_name(m + 1, n) for m, n in enumerate(norms)]
-        self.msd = msd_spec(self.specs, int(h["msd_steps"]), objective="bce", bn_mode=h["attack_bn"])
+        self.msd = msd_spec(self.specs, int(h["msd_steps"]), objective=objective, bn_mode=h["attack_bn"])
 
     # --- declarations ----------------------------------------------------------------------------
     def peers(self):
