@@ -5,8 +5,11 @@
     DeviceLoader(x_uint8, y, batch_size, device="cpu", train=True, seed=0, augment=True, drop_last=None,
                  channels_last=False, padding=4)
 
-Specs: ``cifar10``, ``cifar100``, ``synthetic`` / ``synthetic:N`` and ``npz:PATH``. Every dataset holds uint8
-NCHW images and int64 labels as CPU tensors; ``mean`` / ``std`` are per-channel statistics of ``x_train`` on
+Specs: ``cifar10``, ``cifar100``, ``svhn``, ``tiny-imagenet``, ``synthetic`` / ``synthetic:N`` and ``npz:PATH``.
+The folder datasets (``FOLDER_DATASETS``) read their official files from ``--data-dir`` (default
+``default_data_dir()``) and download them where the official source allows, verified by md5. Labels are
+checked to be 0..C-1 for the dataset's class count C (for npz, C is inferred and a gap is an error), before
+any image is converted. Every dataset holds uint8 NCHW images and int64 labels as CPU tensors; ``mean`` / ``std`` are per-channel statistics of ``x_train`` on
 the [0, 1] scale (for ``create_model(..., normalize=(ds.mean, ds.std))``).
 
 The loader keeps the whole uint8 set on the device and does shuffling, random crop (zero padding) and
@@ -24,14 +27,17 @@ import shutil
 import tarfile
 import tempfile
 import urllib.request
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from fastcollab.distributed import shard_bounds
 from fastcollab.errors import FastcollabError
 
-__all__ = ["Dataset", "DeviceLoader", "load_dataset", "make_synthetic", "default_data_dir"]
+__all__ = ["Dataset", "DeviceLoader", "load_dataset", "make_synthetic", "default_data_dir", "check_labels",
+           "FOLDER_DATASETS"]
 
 
 @dataclass
@@ -87,7 +93,19 @@ def default_data_dir() -> Path:
     return Path(env).expanduser() if env else Path("~/.cache/fastcollab/data").expanduser()
 
 
-_SPECS_HELP = "use cifar10, cifar100, synthetic, synthetic:N or npz:PATH"
+FOLDER_DATASETS = ("cifar10", "cifar100", "svhn", "tiny-imagenet")
+_SPECS_HELP = "use cifar10, cifar100, svhn, tiny-imagenet, synthetic, synthetic:N or npz:PATH"
+
+
+def hold_out(x: torch.Tensor, y: torch.Tensor, n: int, seed: int):
+    """``(x_rest, y_rest, x_held, y_held)``: ``n`` images drawn with ``seed`` (the same on every run with that
+    seed) set aside for model selection; both parts keep the original order."""
+    if not 0 < n < len(x):
+        raise FastcollabError(f"--val-split {n} must leave training images: the training split has {len(x)} "
+                              f"images; pass a number between 1 and {len(x) - 1}")
+    held = torch.zeros(len(x), dtype=torch.bool)
+    held[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n]] = True
+    return x[~held], y[~held], x[held], y[held]
 
 
 def load_dataset(spec: str, data_dir: str | os.PathLike | None = None, download: bool = True) -> Dataset:
@@ -113,8 +131,12 @@ def load_dataset(spec: str, data_dir: str | os.PathLike | None = None, download:
                 f"dataset spec {spec!r}: N must be an integer >= 10 training images; write e.g. synthetic:5000"
             )
         return make_synthetic(n_train=n, name=f"synthetic:{n}")
-    if kind in _CIFAR and not sep:
+    if kind in FOLDER_DATASETS and not sep:
         root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
+        if kind == "svhn":
+            return _load_svhn(root, download)
+        if kind == "tiny-imagenet":
+            return _load_tiny_imagenet(root, download)
         return _load_cifar(kind, root, download)
     raise FastcollabError(f"unknown dataset spec {spec!r}; {_SPECS_HELP}")
 
@@ -237,6 +259,8 @@ def _read_batch(path: Path, info: dict, root: Path) -> tuple[torch.Tensor, torch
 
 def _safe_extract(archive: Path, dest: Path) -> None:
     """Extract regular files and directories only; refuse links, devices, absolute paths and '..'."""
+    if zipfile.is_zipfile(archive):
+        return _safe_extract_zip(archive, dest)
     with tarfile.open(archive, "r:*") as tar:
         for m in tar.getmembers():
             parts = Path(m.name).parts
@@ -254,6 +278,18 @@ def _safe_extract(archive: Path, dest: Path) -> None:
                 raise ValueError(f"archive member {m.name!r} is a link or special file")
 
 
+def _download_verified(url: str, md5: str, name: str, out) -> None:
+    """Stream ``url`` into the open binary file ``out`` (closed after) and check its md5 (ValueError if not)."""
+    h = hashlib.md5()
+    with out, _urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S) as resp:
+        for block in iter(lambda: resp.read(1 << 20), b""):
+            h.update(block)
+            out.write(block)
+    if h.hexdigest() != md5:
+        raise ValueError(f"{name} failed its md5 check: got {h.hexdigest()}, expected {md5}; a truncated download "
+                         "or not the official file")
+
+
 def _download_and_extract(info: dict, root: Path) -> None:
     """Download the official archive, check its md5, extract it safely and move the folder in atomically."""
     step = "create the data directory"
@@ -263,17 +299,7 @@ def _download_and_extract(info: dict, root: Path) -> None:
         step = f"download {info['url']}"
         fd, name = tempfile.mkstemp(prefix=f".{info['archive']}.", suffix=".part", dir=root)
         tmp_file = Path(name)
-        h = hashlib.md5()
-        with os.fdopen(fd, "wb") as out, _urlopen(info["url"], timeout=_DOWNLOAD_TIMEOUT_S) as resp:
-            for block in iter(lambda: resp.read(1 << 20), b""):
-                h.update(block)
-                out.write(block)
-        if h.hexdigest() != info["md5"]:
-            step = "accept the download"
-            raise ValueError(
-                f"{info['archive']} failed its md5 check: got {h.hexdigest()}, expected {info['md5']}; "
-                "a truncated download or not the official archive"
-            )
+        _download_verified(info["url"], info["md5"], info["archive"], os.fdopen(fd, "wb"))
         step = f"extract {info['archive']}"
         tmp_dir = Path(tempfile.mkdtemp(prefix=f".{info['folder']}.", dir=root))
         _safe_extract(tmp_file, tmp_dir)
@@ -297,6 +323,235 @@ def _download_and_extract(info: dict, root: Path) -> None:
             shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
+def _safe_extract_zip(archive: Path, dest: Path) -> None:
+    with zipfile.ZipFile(archive) as z:
+        for m in z.infolist():
+            parts = Path(m.filename).parts
+            if m.filename.startswith(("/", "\\")) or Path(m.filename).is_absolute() or ".." in parts or not parts:
+                raise ValueError(f"archive member {m.filename!r} escapes the target directory")
+            if (m.external_attr >> 16) & 0o170000 not in (0, 0o100000, 0o040000):
+                raise ValueError(f"archive member {m.filename!r} is a link or special file")
+            target = dest.joinpath(*parts)
+            if m.is_dir():
+                target.mkdir(parents=True, exist_ok=True)
+            else:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with z.open(m) as src, open(target, "wb") as out:
+                    shutil.copyfileobj(src, out)
+
+
+# --------------------------------------------------------------------------------------------- labels
+
+def _label_list(values, limit: int = 8) -> str:
+    values = [int(v) for v in values]
+    return ", ".join(map(str, values[:limit])) + (f", ... ({len(values) - limit} more)" if len(values) > limit else "")
+
+
+def check_labels(where: str, y_train, y_test, num_classes: int | None = None, fix: str = "") -> int:
+    """Labels must be 0..C-1. With ``num_classes`` C known, a label outside is an error naming how many images
+    carry which labels; without it (npz) C = max label + 1 and a label value in 0..C-1 that no image carries (a
+    gap, e.g. one stray 255 after 0..9) is an error too. Works on the label arrays only, before any image is
+    converted or any model sized. Returns C (at least 2)."""
+    import numpy as np
+
+    labels = np.concatenate([np.asarray(y_train).reshape(-1), np.asarray(y_test).reshape(-1)]).astype(np.int64)
+    fix = fix or "remap them to 0..C-1, e.g. numpy.unique(y, return_inverse=True)"
+    if labels.size == 0:
+        return max(2, int(num_classes or 2))
+    values, counts = np.unique(labels, return_counts=True)
+    if values[0] < 0:
+        neg = values < 0
+        raise FastcollabError(f"{where}: {int(counts[neg].sum())} labels are negative ({_label_list(values[neg])}); "
+                              f"labels must be 0..C-1: {fix}")
+    if num_classes is not None:
+        out = values >= num_classes
+        if out.any():
+            raise FastcollabError(
+                f"{where}: {int(counts[out].sum())} labels lie outside 0..{num_classes - 1} (values "
+                f"{_label_list(values[out])}) for its {num_classes} classes: {fix}")
+        return int(num_classes)
+    c = int(values[-1]) + 1
+    if len(values) < c:  # a gap: the first missing value ends the contiguous run 0..k-1
+        k = int(np.argmax(values != np.arange(len(values))))
+        above = values >= k
+        raise FastcollabError(
+            f"{where}: labels are not 0..C-1 without gaps: {c - len(values)} of the values 0..{c - 1} have no image "
+            f"(the first is {k}), and {int(counts[above].sum())} labels lie above {k - 1} (values "
+            f"{_label_list(values[above])}): {fix}")
+    return max(2, c)
+
+
+# --------------------------------------------------------------------------------------------- SVHN
+
+_SVHN = {
+    "title": "SVHN",
+    "folder": "svhn",
+    "base": "http://ufldl.stanford.edu/housenumbers/",
+    "files": {"train": ("train_32x32.mat", "e26dedcc434d2e4c54c9b2d4a06d8373"),
+              "test": ("test_32x32.mat", "eb5a983be6a315427106f1b164d9cef3")},
+}
+
+
+def _svhn_where(root: Path) -> str:
+    folder = root / _SVHN["folder"]
+    files = [f for f, _ in _SVHN["files"].values()]
+    return (f"download {', '.join(_SVHN['base'] + f for f in files)} (the cropped-digits format 2) into {folder}, "
+            f"or point --data-dir / FASTCOLLAB_DATA at the directory that holds {_SVHN['folder']}/")
+
+
+def _load_svhn(root: Path, download: bool) -> Dataset:
+    """SVHN, format 2 (32x32 cropped digits): the official ``train_32x32.mat`` / ``test_32x32.mat`` (MATLAB v5,
+    read with scipy.io.loadmat: X uint8 [32, 32, 3, N], y [N, 1] in 1..10, 10 meaning the digit 0, mapped to
+    label 0). Downloaded into ``root/svhn`` if absent and verified by md5. The ``extra`` split is not used."""
+    folder = root / _SVHN["folder"]
+    parts = {}
+    for split, (name, md5) in _SVHN["files"].items():
+        path = folder / name
+        if not path.is_file():
+            if not download:
+                raise FastcollabError(f"SVHN file {path} not found and download=False; {_svhn_where(root)}")
+            _download_file(_SVHN["base"] + name, md5, path, "SVHN", _svhn_where(root))
+        parts[split] = _read_svhn_mat(path, root)
+    (x_tr, y_tr), (x_te, y_te) = parts["train"], parts["test"]
+    return _make("svhn", x_tr, y_tr, x_te, y_te, 10)
+
+
+def _download_file(url: str, md5: str, path: Path, title: str, where: str) -> None:
+    """One official file, md5-checked, moved into ``path`` atomically (no partial file is ever left)."""
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+        tmp = Path(name)
+        _download_verified(url, md5, path.name, os.fdopen(fd, "wb"))
+        os.replace(tmp, path)
+        tmp = None
+    except Exception as e:  # noqa: BLE001 -- reported as one line, with where to put the files
+        raise FastcollabError(f"{title}: could not download {url} ({_one_line(e) or type(e).__name__}); "
+                              f"{where}") from None
+    finally:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+
+
+def _read_svhn_mat(path: Path, root: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    import numpy as np
+
+    bad = f"SVHN file {path} is unreadable or not the official 32x32 .mat file"
+    try:
+        from scipy.io import loadmat
+
+        d = loadmat(str(path), variable_names=["X", "y"])
+        x, y = np.asarray(d["X"]), np.asarray(d["y"])
+    except Exception as e:  # noqa: BLE001 -- any failure is the same user-facing problem
+        raise FastcollabError(f"{bad} ({_one_line(e) or type(e).__name__}); delete it and {_svhn_where(root)}") from None
+    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[:3] != (32, 32, 3) or y.size != x.shape[3]:
+        raise FastcollabError(f"{bad} (X {x.dtype} {x.shape}, y {y.shape}; expected uint8 [32, 32, 3, N] and "
+                              f"[N, 1]); delete it and {_svhn_where(root)}")
+    y = y.reshape(-1).astype(np.int64)
+    if y.size and (y.min() < 1 or y.max() > 10):
+        out = np.unique(y[(y < 1) | (y > 10)])
+        raise FastcollabError(f"{bad} ({int(((y < 1) | (y > 10)).sum())} labels outside 1..10: "
+                              f"{_label_list(out)}); delete it and {_svhn_where(root)}")
+    images = torch.from_numpy(np.ascontiguousarray(x.transpose(3, 2, 0, 1)))
+    return images, torch.from_numpy(y % 10)
+
+
+# --------------------------------------------------------------------------------------------- Tiny-ImageNet
+
+_TINY = {
+    "title": "Tiny-ImageNet",
+    "url": "http://cs231n.stanford.edu/tiny-imagenet-200.zip",
+    "archive": "tiny-imagenet-200.zip",
+    "md5": "90528d7ca1a48142e341f4ef8d21d0de",
+    "folder": "tiny-imagenet-200",
+    "train": ["wnids.txt", "train/"],
+    "test": ["val/val_annotations.txt", "val/images/"],
+}
+_TINY_CLASSES, _TINY_SIZE = 200, 64
+_TINY_CACHE = "fastcollab-uint8.npz"
+
+
+def _load_tiny_imagenet(root: Path, download: bool) -> Dataset:
+    """Tiny-ImageNet-200 in its official folder layout: ``wnids.txt`` (200 WordNet ids; class k is the k-th
+    id in sorted order), ``train/<wnid>/images/*.JPEG`` (500 per class), ``val/images/*.JPEG`` with
+    ``val/val_annotations.txt`` (file, wnid, box) as the test split (the official test split has no labels).
+    64x64 RGB (grayscale files are converted). JPEGs are decoded with Pillow once; the uint8 arrays are then
+    kept in ``tiny-imagenet-200/fastcollab-uint8.npz`` for later loads."""
+    import numpy as np
+
+    info = _TINY
+    folder = root / info["folder"]
+    if not folder.is_dir():
+        if not download:
+            raise FastcollabError(f"Tiny-ImageNet not found at {folder} and download=False; {_where(info, root)}")
+        _download_and_extract({**info, "train": ["wnids.txt"], "test": ["val/val_annotations.txt"]}, root)
+    missing = [f for f in info["train"] + info["test"] if not (folder / f).exists()]
+    if missing:
+        raise FastcollabError(f"Tiny-ImageNet directory {folder} is incomplete (missing {', '.join(missing)}); "
+                              f"delete it to re-download, or {_where(info, root)}")
+    cache = folder / _TINY_CACHE
+    if cache.is_file():
+        try:
+            with np.load(cache, allow_pickle=False) as d:
+                arrays = [torch.from_numpy(d[k]) for k in _NPZ_KEYS]
+            return _make("tiny-imagenet", *arrays, _TINY_CLASSES)
+        except Exception:  # noqa: BLE001 -- a stale or broken cache is rebuilt from the JPEGs
+            pass
+    wnids = [w.strip() for w in (folder / "wnids.txt").read_text().split() if w.strip()]
+    if len(wnids) != _TINY_CLASSES or len(set(wnids)) != _TINY_CLASSES:
+        raise FastcollabError(f"{folder / 'wnids.txt'} lists {len(set(wnids))} distinct class ids, not "
+                              f"{_TINY_CLASSES}: it is not the official file; {_where(info, root)}")
+    index = {w: i for i, w in enumerate(sorted(wnids))}
+    train = []
+    for w in sorted(wnids):
+        files = sorted((folder / "train" / w / "images").glob("*.JPEG"))
+        if not files:
+            raise FastcollabError(f"Tiny-ImageNet: {folder / 'train' / w / 'images'} holds no .JPEG images; "
+                                  f"{_where(info, root)}")
+        train += [(f, index[w]) for f in files]
+    test = []
+    for n, line in enumerate((folder / "val" / "val_annotations.txt").read_text().splitlines(), 1):
+        cols = line.split("\t")
+        if not line.strip():
+            continue
+        if len(cols) < 2 or cols[1] not in index:
+            raise FastcollabError(f"{folder / 'val' / 'val_annotations.txt'} line {n} is not 'FILE<TAB>WNID<TAB>...' "
+                                  f"with a wnid of wnids.txt ({line[:60]!r}); {_where(info, root)}")
+        test.append((folder / "val" / "images" / cols[0], index[cols[1]]))
+    x_tr, y_tr = _decode_images(train, info, root)
+    x_te, y_te = _decode_images(test, info, root)
+    try:
+        atomic = cache.with_name(f".{cache.name}.tmp")
+        with open(atomic, "wb") as fh:
+            np.savez(fh, x_train=x_tr.numpy(), y_train=y_tr.numpy(), x_test=x_te.numpy(), y_test=y_te.numpy())
+        os.replace(atomic, cache)
+    except OSError:
+        pass  # a read-only data folder: decode again next time
+    return _make("tiny-imagenet", x_tr, y_tr, x_te, y_te, _TINY_CLASSES)
+
+
+def _decode_images(items: list, info: dict, root: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode (path, label) JPEGs into uint8 [N, 3, 64, 64] with Pillow."""
+    import numpy as np
+    from PIL import Image
+
+    x = np.empty((len(items), 3, _TINY_SIZE, _TINY_SIZE), np.uint8)
+    for i, (path, _) in enumerate(items):
+        try:
+            with Image.open(path) as im:
+                a = np.asarray(im.convert("RGB"))
+        except Exception as e:  # noqa: BLE001
+            raise FastcollabError(f"Tiny-ImageNet image {path} cannot be read ({_one_line(e) or type(e).__name__}); "
+                                  f"{_where(info, root)}") from None
+        if a.shape != (_TINY_SIZE, _TINY_SIZE, 3):
+            raise FastcollabError(f"Tiny-ImageNet image {path} is {a.shape[1]}x{a.shape[0]}, not 64x64: not the "
+                                  f"official file; {_where(info, root)}")
+        x[i] = a.transpose(2, 0, 1)
+    y = torch.tensor([label for _, label in items], dtype=torch.int64)
+    return torch.from_numpy(x), y
+
+
 # --------------------------------------------------------------------------------------------- npz
 
 _NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
@@ -307,8 +562,9 @@ def _load_npz(path_str: str) -> Dataset:
 
     Images: 4-D, NCHW or NHWC (the channel axis is axis 1 if it has size 1 or 3, else axis 3); uint8, or
     floating point in [0, 1] (quantised to uint8 with round(x * 255)). Grayscale (1 channel) is repeated to
-    3 channels so every model (3 input channels) accepts it. Labels: 1-D (or [N, 1]) integers >= 0.
-    num_classes = max label + 1 over train and test (at least 2).
+    3 channels so every model (3 input channels) accepts it. Labels: 1-D (or [N, 1]) integers 0..C-1 with
+    num_classes C = max label + 1 over train and test (at least 2); every value below C must occur
+    (``check_labels``: a gap such as one stray 255 is an error, checked before the images are converted).
     """
     import numpy as np
 
@@ -335,8 +591,9 @@ def _load_npz(path_str: str) -> Dataset:
             except Exception as e:  # noqa: BLE001 -- BadZipFile, bad CRC, zlib or header errors alike
                 raise FastcollabError(f"{path}: array {k} is corrupt or unreadable ({_one_line(e)}); {fix}") from None
 
-    xs = {k: _npz_images(path, k, arrays[k]) for k in ("x_train", "x_test")}
     ys = {k: _npz_labels(path, k, arrays[k]) for k in ("y_train", "y_test")}
+    num_classes = check_labels(str(path), ys["y_train"].numpy(), ys["y_test"].numpy())
+    xs = {k: _npz_images(path, k, arrays[k]) for k in ("x_train", "x_test")}
     for split in ("train", "test"):
         nx, ny = xs[f"x_{split}"].shape[0], ys[f"y_{split}"].shape[0]
         if nx != ny:
@@ -350,7 +607,7 @@ def _load_npz(path_str: str) -> Dataset:
             f"{path}: x_train images are {tuple(xs['x_train'].shape[1:])} (C, H, W) but x_test images are "
             f"{tuple(xs['x_test'].shape[1:])}; give both splits the same image size"
         )
-    return _make(f"npz:{path_str}", xs["x_train"], ys["y_train"], xs["x_test"], ys["y_test"])
+    return _make(f"npz:{path_str}", xs["x_train"], ys["y_train"], xs["x_test"], ys["y_test"], num_classes)
 
 
 def _npz_images(path: Path, key: str, a) -> torch.Tensor:
@@ -567,6 +824,7 @@ class DeviceLoader:
         self.channels_last = bool(channels_last)
         self.padding = padding
         self.epoch = 0
+        self.shard = (0, 1)  # (index, count): set_shard
         self.n = int(x_uint8.shape[0])
         if self.drop_last and self.n < batch_size:
             raise FastcollabError(
@@ -582,6 +840,15 @@ class DeviceLoader:
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose shuffle and augmentation the next iteration uses."""
         self.epoch = int(epoch)
+
+    def set_shard(self, index: int, count: int) -> None:
+        """Yield only shard ``index`` of ``count`` of every batch (torchrun): the exact contiguous slice
+        :func:`fastcollab.distributed.shard_bounds` gives, of the batch the whole plan makes, so the shards of
+        all ranks together are the single-process batch (no padding, no repeated example)."""
+        if not 0 <= index < count or count > self.batch_size:
+            raise FastcollabError(f"shard {index} of {count} does not fit a batch of {self.batch_size}: launch at "
+                                  f"most --batch-size processes, or raise --batch-size")
+        self.shard = (int(index), int(count))
 
     def _generator(self, epoch: int) -> torch.Generator:
         try:
@@ -633,8 +900,11 @@ class DeviceLoader:
         order, oy, ox, flip = self._plan(epoch)
         nb = len(self)
         bs = self.batch_size
+        index, count = self.shard
         for b in range(nb):
-            sl = slice(b * bs, min((b + 1) * bs, self.n))
+            start = b * bs
+            lo, hi = shard_bounds(min(bs, self.n - start), index, count)
+            sl = slice(start + lo, start + hi)
             idx = order[sl]
             if oy is None:
                 xb = self.x[sl] if not self.train else self.x[idx]

@@ -46,7 +46,7 @@ def _save(tmp_path, name="d.npz", **arrays):
 
 def test_npz_nchw_and_nhwc_load_identically(tmp_path):
     a = _arrays()
-    a["y_train"][0] = 6  # num_classes = max label + 1 over both splits
+    a["y_train"][:7] = np.arange(7)[::-1]  # num_classes = max label + 1 over both splits (no gap: check_labels)
     nchw = load_dataset(f"npz:{_save(tmp_path, 'a.npz', **a)}")
     b = dict(a, x_train=a["x_train"].transpose(0, 2, 3, 1), x_test=a["x_test"].transpose(0, 2, 3, 1))
     nhwc = load_dataset(f"npz:{_save(tmp_path, 'b.npz', **b)}")

@@ -1,6 +1,6 @@
 """Model zoo (one file per family) and the registry.
 
-    create_model(name, num_classes=10, normalize=None) -> nn.Module
+    create_model(name, num_classes=10, normalize=None, image_size=32) -> nn.Module
     list_models() -> list[str]
     register_model(name)  # decorator for factory(num_classes) -> nn.Module
 

@@ -108,12 +108,16 @@ def _check_normalize(normalize) -> tuple[tuple[float, ...], tuple[float, ...]] |
     return mean, std
 
 
-def create_model(name: str, num_classes: int = 10, normalize=None) -> nn.Module:
+def create_model(name: str, num_classes: int = 10, normalize=None, image_size: int = 32) -> nn.Module:
     """Build a registered model.
 
     ``normalize``: None, or ``(mean, std)`` per-channel tuples on the [0, 1] scale; applied inside the model.
-    The result has ``model.arch`` (the canonical name), ``model.num_classes`` and ``model.normalization``
-    (None or the (mean, std) tuples), enough to rebuild it from a checkpoint's config.
+    ``image_size``: the side of the (square) input images. Every model is a CIFAR (32x32) design; for 64x64
+    inputs (Tiny-ImageNet) its stem, the first convolution, gets stride 2, so every later feature map, the
+    compute per image and the receptive fields are those of the 32x32 model (the weights' shapes do not
+    change). Other sizes run the 32x32 model as is (global average pooling accepts any size >= 32).
+    The result has ``model.arch`` (the canonical name), ``model.num_classes``, ``model.normalization``
+    (None or the (mean, std) tuples) and ``model.image_size``, enough to rebuild it from a checkpoint's config.
     Raises FastcollabError for an unknown name or a bad argument.
     """
     if not isinstance(name, str):
@@ -124,6 +128,8 @@ def create_model(name: str, num_classes: int = 10, normalize=None) -> nn.Module:
             f"num_classes must be an integer >= 2, got {num_classes!r}; pass the dataset's class count"
         )
     norm = _check_normalize(normalize)
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+        raise FastcollabError(f"image_size must be a positive integer, got {image_size!r}; pass the images' side")
     if key in _REGISTRY:
         model = _REGISTRY[key](num_classes)
     else:
@@ -140,10 +146,18 @@ def create_model(name: str, num_classes: int = 10, normalize=None) -> nn.Module:
         )
     if norm is not None:
         model.normalize = Normalize(*norm)
+    if image_size == 64:
+        _stem(model).stride = (2, 2)
     model.arch = key
+    model.image_size = image_size
     model.num_classes = num_classes
     model.normalization = norm
     return model
+
+
+def _stem(model: nn.Module) -> nn.Conv2d:
+    """The model's first convolution (every family registers its stem before any other layer)."""
+    return next(m for m in model.modules() if isinstance(m, nn.Conv2d))
 
 
 def init_weights(module: nn.Module) -> None:
