@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from ..cohort import Cohort
 from ..errors import FastcollabError
+from .distributed import make_distributed_engine
 from .eager import EagerEngine, StepPlan, plan_step
 from .fast import FastEngine
 from .precision import Precision
@@ -35,4 +36,5 @@ def make_engine(name: str, cohort: Cohort, precision: Precision, view_bn: str = 
     return factory(cohort, precision, view_bn)
 
 
-__all__ = ["ENGINES", "EagerEngine", "FastEngine", "Precision", "StepPlan", "make_engine", "plan_step"]
+__all__ = ["ENGINES", "EagerEngine", "FastEngine", "Precision", "StepPlan", "make_distributed_engine", "make_engine",
+           "plan_step"]
