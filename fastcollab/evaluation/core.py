@@ -1,7 +1,10 @@
 """Honest evaluation: clean accuracy and accuracy under white-box attacks, in fp32 and eval mode.
 
-Attack names: ``clean``, ``fgsm``, ``pgd{K}`` (l_inf CE-PGD, K steps, uniform start), ``cw{K}`` (l_inf PGD on
-the CW margin). Budgets default to eps 8/255 and step 2/255 and are recorded next to every number.
+Attack names (the threat model is the evaluation's: l_inf eps 8/255 unless asked, whatever the training used):
+``clean``, ``fgsm``, ``pgd{K}`` (CE-PGD, K steps, uniform start; ``pgd{K}x{R}``: R restarts), ``cw{K}`` (PGD
+on the CW margin) in the evaluation's norm; ``apgd-ce``, ``apgd-t``, ``aa-fast`` (fastcollab's own APGD, the
+whole cohort at once), ``aa`` and ``aa-lite`` (the standard AutoAttack of the optional extra). PGD keeps the
+best iterate per example: an example counts as broken when ANY iterate misclassifies it.
 
 Multiple perturbations (MAT-MP, Maini et al. 2020): ``linf-pgd{K}``, ``l2-pgd{K}``, ``l1-pgd{K}`` (and ``-cw{K}``)
 at MAT-MP's budgets (:data:`MP_BUDGETS`: eps 0.03 / 0.5 / 12, step 0.003 / 0.05 / 0.05), ``msd{K}`` (the MSD
@@ -12,67 +15,194 @@ Table 4) and CAT's prediction discrepancy (CAT Eq. 7).
 """
 from __future__ import annotations
 
+import difflib
+import math
 import re
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .attacks import AttackSpec, msd_spec, run_attack
-from .errors import FastcollabError
+from .. import ops
+from ..attacks import NORMS, OBJECTIVES, AttackSpec, MSDSpec, bn_mode, msd_spec, random_init, run_attack
+from ..errors import FastcollabError
 
 DEFAULT_ATTACKS = ("clean", "fgsm", "pgd20", "cw20")
 #: MAT-MP's evaluation budgets per norm (eps, step): shared/papers/mat_*, Sec. 3.3.1
 MP_BUDGETS = {"linf": (0.03, 0.003), "l2": (0.5, 0.05), "l1": (12.0, 0.05)}
+#: the evaluation's default budget per norm: RobustBench / AutoAttack's standard threat models
+DEFAULT_EPS = {"linf": 8 / 255, "l2": 0.5, "l1": 12.0}
+#: default PGD step as a fraction of eps per norm (l_inf 2/255 at 8/255; l2 and l1 as MAT-MP's 0.05)
+STEP_FRACTION = {"linf": 1 / 4, "l2": 1 / 10, "l1": 1 / 240}
+#: attacks run by a library over the whole cohort (fastcollab.apgd, or the AutoAttack extra)
+LIBRARY_ATTACKS = ("apgd-ce", "apgd-t", "aa-fast", "aa", "aa-lite")
+EXAMPLE_NAMES = ("clean", "fgsm", "pgd20", "pgd20x5", "cw20", "apgd-ce", "apgd-t", "aa-fast", "aa", "aa-lite",
+                 "linf-pgd50", "l2-pgd50", "l1-pgd50", "linf-cw50", "l2-cw50", "l1-cw50", "msd50")
 
 
 @dataclass(frozen=True)
 class EvalAttack:
+    """One evaluation attack: ``spec`` for fastcollab's PGD family (None for clean accuracy and for the
+    library attacks of :data:`LIBRARY_ATTACKS`, which carry their own ``norm`` / ``eps``), ``restarts``
+    random restarts (worst case per example)."""
+
     name: str
-    spec: AttackSpec | None      # None: clean accuracy
+    spec: AttackSpec | None      # None: clean accuracy, or a library attack
+    restarts: int = 1
+    kind: str = "pgd"            # "clean", "pgd" (the PGD family incl. FGSM, CW, MSD) or a LIBRARY_ATTACKS name
+    norm: str | None = None      # library attacks only
+    eps: float | None = None     # library attacks only
 
     def describe(self) -> dict:
-        return {"name": self.name, **(self.spec.describe() if self.spec else {})}
+        if self.kind in LIBRARY_ATTACKS:
+            return {"name": self.name, "attack": self.kind, "norm": self.norm, "eps": self.eps}
+        out = {"name": self.name, **(self.spec.describe() if self.spec else {})}
+        if self.restarts > 1:
+            out["restarts"] = self.restarts
+        return out
 
 
-def parse_attack(name: str, eps: float = 8 / 255, step: float = 2 / 255) -> EvalAttack:
+def eps_fits_norm(eps: float, norm: str, what: str = "--eps", dim: int | None = None) -> None:
+    """Bad input: an eps that cannot belong to ``norm`` on [0, 1] images (e.g. ``8`` meant as 8/255)."""
+    if norm not in NORMS:
+        raise FastcollabError(f"unknown norm {norm!r}: use one of {', '.join(NORMS)}")
+    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
+        raise FastcollabError(f"{what} must be a finite number > 0 for the {norm} threat model, got {eps!r}: "
+                              f"pass e.g. {what} {_eps_hint(norm)}")
+    if norm == "linf" and eps > 1:
+        raise FastcollabError(f"{what} {eps:g} does not fit l_inf on [0, 1] images (the whole box is eps 1): "
+                              f"did you mean {eps:g}/255?")
+    if dim is not None:
+        box = {"linf": 1.0, "l2": math.sqrt(dim), "l1": float(dim)}[norm]
+        if eps > box:
+            raise FastcollabError(f"{what} {eps:g} does not fit {norm} on [0, 1] images of {dim} values (the "
+                                  f"whole box has {norm} diameter {box:g}): pass e.g. {what} {_eps_hint(norm)}")
+
+
+def _eps_hint(norm: str) -> str:
+    return {"linf": "8/255", "l2": "0.5", "l1": "12"}[norm]
+
+
+def _unknown(name: str) -> FastcollabError:
+    close = difflib.get_close_matches(name, EXAMPLE_NAMES, n=1, cutoff=0.4)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return FastcollabError(f"unknown evaluation attack {name!r}: {hint}use clean, fgsm, pgdK, pgdKxR, cwK, "
+                           f"apgd-ce, apgd-t, aa-fast, aa, aa-lite, linf-/l2-/l1-pgdK (or -cwK) or msdK")
+
+
+def parse_attack(name: str, eps: float | None = None, step: float | None = None,
+                 norm: str = "linf") -> EvalAttack:
+    """An attack name in the evaluation's threat model (``norm``, ``eps``; default :data:`DEFAULT_EPS`) with
+    PGD step ``step`` (default ``eps`` × :data:`STEP_FRACTION`)."""
     name = name.strip().lower()
+    eps = DEFAULT_EPS.get(norm, 8 / 255) if eps is None else eps
+    step = eps * STEP_FRACTION.get(norm, 1 / 4) if step is None else step
     if name == "clean":
-        return EvalAttack(name, None)
+        return EvalAttack(name, None, kind="clean")
+    if name in LIBRARY_ATTACKS:
+        return EvalAttack(name, None, kind=name, norm=norm, eps=eps)
     if name == "fgsm":
-        return EvalAttack(name, AttackSpec(eps=eps, step=max(eps, 1e-12), steps=1, init="zero"))
+        return EvalAttack(name, AttackSpec(norm=norm, eps=eps, step=max(eps, 1e-12), steps=1, init="zero"))
     m = re.fullmatch(r"(linf|l2|l1)-(pgd|cw)(\d+)", name)
     if m:
-        norm, kind, steps = m.group(1), m.group(2), int(m.group(3))
-        e, s = MP_BUDGETS[norm]
-        return EvalAttack(name, AttackSpec(norm=norm, eps=e, step=s, steps=steps, init="uniform",
+        mp_norm, kind, steps = m.group(1), m.group(2), int(m.group(3))
+        e, s = MP_BUDGETS[mp_norm]
+        return EvalAttack(name, AttackSpec(norm=mp_norm, eps=e, step=s, steps=steps, init="uniform",
                                            objective="ce" if kind == "pgd" else "cw"))
     m = re.fullmatch(r"msd(\d+)", name)
     if m:
         comps = [AttackSpec(norm=n, eps=e, step=s, steps=1, objective="ce") for n, (e, s) in MP_BUDGETS.items()]
         return EvalAttack(name, msd_spec(comps, int(m.group(1)), objective="ce"))
-    m = re.fullmatch(r"(pgd|cw)(\d+)", name)
+    m = re.fullmatch(r"(pgd|cw)(\d+)(?:x(\d+))?", name)
     if m:
         objective = "ce" if m.group(1) == "pgd" else "cw"
-        return EvalAttack(name, AttackSpec(eps=eps, step=step, steps=int(m.group(2)), init="uniform",
-                                           objective=objective))
-    raise FastcollabError(f"unknown evaluation attack {name!r}: use clean, fgsm, pgdK, cwK (e.g. pgd20, cw20), "
-                          "linf-pgdK, l2-pgdK, l1-pgdK or msdK")
+        restarts = int(m.group(3) or 1)
+        if restarts < 1:
+            raise FastcollabError(f"attack {name!r}: restarts must be >= 1, e.g. pgd20x5")
+        return EvalAttack(name, AttackSpec(norm=norm, eps=eps, step=step, steps=int(m.group(2)), init="uniform",
+                                           objective=objective), restarts=restarts)
+    raise _unknown(name)
 
 
-def parse_attacks(names: str | list[str], eps: float = 8 / 255, step: float = 2 / 255) -> list[EvalAttack]:
+def parse_attacks(names: str | list[str], eps: float | None = None, step: float | None = None,
+                  norm: str = "linf") -> list[EvalAttack]:
     if isinstance(names, str):
         names = [n for n in names.split(",") if n.strip()]
     if not names:
         raise FastcollabError("no evaluation attack given: pass e.g. --attacks clean,fgsm,pgd20,cw20")
-    return [parse_attack(n, eps, step) for n in names]
+    eps_fits_norm(DEFAULT_EPS.get(norm, 8 / 255) if eps is None else eps, norm)
+    parsed = [parse_attack(n, eps, step, norm) for n in names]
+    seen = set()
+    for a in parsed:
+        if a.name in seen:
+            raise FastcollabError(f"evaluation attack {a.name!r} is listed twice: list each attack once")
+        seen.add(a.name)
+    return parsed
+
+
+# ------------------------------------------------------------------------------ the PGD family, per example
+def pgd_best_iterate(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                     spec: AttackSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(robust bool[B], x_adv)``: PGD (``spec``, eval-mode BN) where an example counts as broken as soon as
+    ANY iterate (the start included) misclassifies it; ``x_adv`` is that first misclassified iterate (the
+    last iterate for the survivors). Broken examples leave the batch (early exit). The step is the fused
+    ``ops.pgd_step_``, as in :func:`fastcollab.attacks.pgd`."""
+    objective = OBJECTIVES[spec.objective]
+    x = x.detach()
+    x_out = random_init(x, spec)
+    robust = torch.ones(len(x), dtype=torch.bool, device=x.device)
+    idx = torch.arange(len(x), device=x.device)
+    x_adv, x0, ya = x_out.clone(), x, y
+    with bn_mode([model], ["eval"]):
+        for i in range(spec.steps + 1):
+            last = i == spec.steps
+            x_adv.requires_grad_(not last)
+            with torch.set_grad_enabled(not last):
+                logits = model(x_adv).float()
+            wrong = logits.argmax(1) != ya
+            x_out[idx] = x_adv.detach()
+            robust[idx[wrong]] = False
+            if last:
+                break
+            loss = objective({"attacked": logits}, ya, {}).sum()
+            (grad,) = torch.autograd.grad(loss, x_adv)
+            keep = ~wrong
+            if not bool(keep.any()):
+                break
+            x_adv, grad, x0, ya, idx = x_adv.detach()[keep], grad[keep], x0[keep], ya[keep], idx[keep]
+            ops.pgd_step_(x_adv, grad, x0, spec.eps, spec.step, spec.norm)
+    return robust, x_out
+
+
+def robust_under(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                 attack: EvalAttack) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(robust bool[B], x_adv)`` for a clean / PGD-family attack (model in eval mode). Restarts: the worst
+    case per example, each restart on the survivors only. MSD keeps its own best-loss point."""
+    if attack.spec is None:
+        with torch.no_grad():
+            return model(x).argmax(1) == y, x
+    if isinstance(attack.spec, MSDSpec):
+        x_adv = run_attack(model, x, y, attack.spec)
+        with torch.no_grad():
+            return model(x_adv).argmax(1) == y, x_adv
+    robust, x_adv = pgd_best_iterate(model, x, y, attack.spec)
+    for _ in range(attack.restarts - 1):
+        alive = robust.nonzero().squeeze(1)
+        if len(alive) == 0:
+            break
+        r, xa = pgd_best_iterate(model, x[alive], y[alive], attack.spec)
+        robust[alive] = r
+        x_adv[alive] = xa
+    return robust, x_adv
 
 
 def correct_under(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: EvalAttack) -> torch.Tensor:
     """Per-example booleans: is ``model`` right on the attacked ``x``? (model must be in eval mode)"""
-    x_eval = x if attack.spec is None else run_attack(model, x, y, attack.spec)
-    with torch.no_grad():
-        return model(x_eval).argmax(1) == y
+    if attack.kind in LIBRARY_ATTACKS:
+        from .library import run_library_attack
+
+        return run_library_attack(attack, {"m": model}, x, y)["robust"]["m"]
+    return robust_under(model, x, y, attack)[0]
 
 
 def _batches(x_all, y_all, batch_size, device):
@@ -109,6 +239,8 @@ def evaluate_model(model: nn.Module, x_all: torch.Tensor, y_all: torch.Tensor, a
 
 def attack_norm(attack: EvalAttack) -> str | None:
     """The threat model an attack belongs to for the union metrics (None: clean accuracy)."""
+    if attack.kind in LIBRARY_ATTACKS:
+        return attack.norm
     return None if attack.spec is None else attack.spec.norm
 
 
