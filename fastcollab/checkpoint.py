@@ -6,10 +6,11 @@ uninterrupted run would.
 """
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
@@ -17,22 +18,50 @@ from .errors import FastcollabError
 
 FORMAT = "fastcollab-checkpoint-1"
 CHECKPOINT_NAME = "checkpoint.pt"
+BEST_NAME = "best.pt"  # --select best-pgd: the selected epoch, in the checkpoint format
+TMP_SUFFIX = ".tmp"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write(path: Path, write) -> None:
-    """Write through ``write(file_object)`` into a temporary file beside ``path``, fsync, then rename."""
+    """Write through ``write(file_object)`` into a temporary file beside ``path``, fsync, then rename.
+
+    The result has the permissions of any new file (0666 less the umask, not mkstemp's 0600). A filesystem
+    failure (read-only, disk full, a file where a folder should be) is one :class:`FastcollabError`; the
+    previous version of ``path`` is left intact and the temporary file removed.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        tmp = None
+    except OSError as e:
+        raise FastcollabError(f"cannot write {path} ({e.strerror or e}): free disk space or pick a writable "
+                              "folder; the previous version of the file is unchanged") from None
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+
+
+def remove_stale_temporaries(folder: Path, names: Iterable[str]) -> list[Path]:
+    """Delete the temporary files a killed :func:`atomic_write` of any of ``names`` left in ``folder`` (call
+    it only while no other process writes there, i.e. holding the run's lock)."""
+    stale = sorted(p for n in names for p in Path(folder).glob(f".{n}.*{TMP_SUFFIX}"))
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def rng_state() -> dict[str, Any]:
@@ -60,7 +89,17 @@ def save_checkpoint(path: Path, *, epoch: int, models: dict, optimizers: dict, s
         "metrics": metrics,
         "config": config,
     }
-    atomic_write(path, lambda f: torch.save(payload, f))
+    buffer = io.BytesIO()  # serialised first: a full disk is then an OSError of the write, not a torch error
+    torch.save(payload, buffer)
+    atomic_write(path, lambda f: f.write(buffer.getbuffer()))
+
+
+def best_of(metrics: list[dict]) -> tuple[int, float] | None:
+    """``(epoch, score)`` of the best epoch by mean validation PGD-10 accuracy over the peers (``--select
+    best-pgd``); the earliest epoch wins a tie. None while no epoch was validated."""
+    scored = [(r["epoch"], sum(p["pgd10_acc"] for p in r["peers"].values()) / len(r["peers"]))
+              for r in metrics if r.get("monitor") == "val"]
+    return max(scored, key=lambda es: (es[1], -es[0])) if scored else None
 
 
 def load_checkpoint(path: Path, map_location="cpu") -> dict:

@@ -75,7 +75,7 @@ def test_resume_and_run_directory_errors(base, tmp_path, capsys):
     assert rc == 2 and "was started with method='at'" in err
     # a corrupt checkpoint: one clear message, for resume and for evaluation
     (out / "checkpoint.pt").write_bytes(b"\x00garbage")
-    rc, err = run_train(capsys, "--resume", "--out", str(out))
+    rc, err = run_train(capsys, "--resume", "--re-evaluate", "--out", str(out))
     assert rc == 2 and "corrupt" in err and len(err.splitlines()) == 1
     assert evaluate_main(["--run", str(out)]) == 2
     assert "corrupt" in capsys.readouterr().err

@@ -182,7 +182,8 @@ COMMON = ["--model", "smallcnn", "--epochs", "1", "--batch-size", "32", "--attac
 
 
 def _train(dataset, out, *args):
-    assert train_main(["--dataset", dataset, *COMMON, *args, "--out", str(out)]) == 0, args
+    common = COMMON if "nat" not in args else [a for a in COMMON if a not in ("--attack-steps", "2")]  # no attack
+    assert train_main(["--dataset", dataset, *common, *args, "--out", str(out)]) == 0, args
     return out
 
 

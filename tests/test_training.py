@@ -36,8 +36,9 @@ FOUNDATION_METHODS = [
 
 
 def build_engine(method_name: str, **given):
-    config = resolve_config({"method": method_name, "model": "smallcnn", "attack_steps": 3, "lr": 0.01,
-                             "epochs": 1, **given})
+    short_attack = {} if method_name == "nat" else {"attack_steps": 3}  # nat has no attack to shorten
+    config = resolve_config({"method": method_name, "model": "smallcnn", "lr": 0.01, "epochs": 1,
+                             **short_attack, **given})
     method = get_method(method_name)(config)
     torch.manual_seed(0)
     models = {p: create_model("smallcnn") for p in method.trainable_peers()}
@@ -152,6 +153,18 @@ def independent_pgd(model, x, y, eps, step, steps):
     return (x + delta).clamp(0, 1)
 
 
+# The natural model's weights differ with the thread count (float summation order), so its robust accuracy
+# on these 256 images does too: measured 6.25 % (this PGD) and 5.08 % (foolbox) at clean 42.2 % with
+# OMP_NUM_THREADS=1, and 4.30 % / 3.91 % at clean 39.5 % with 2 threads (2026-12-02, 2-core CPU). The bound
+# leaves > 5 binomial standard errors (~1.5 points each) above the highest, and still fails an attack that
+# does not work (robust ≈ clean).
+ROBUST_BOUND = 0.15
+
+
+def assert_not_robust(clean, robust):
+    assert clean > 0.3 and robust < ROBUST_BOUND and robust < clean / 2.5, (clean, robust)
+
+
 def test_load_cohort_models_work_with_other_attack_code(nat_run, mini_test_batch):
     models = load_cohort(nat_run)
     assert len(models) == 1
@@ -166,7 +179,7 @@ def test_load_cohort_models_work_with_other_attack_code(nat_run, mini_test_batch
     x_adv = independent_pgd(model, x, y, 8 / 255, 2 / 255, 10)
     with torch.no_grad():
         robust = (model(x_adv).argmax(1) == y).float().mean()
-    assert clean > 0.3 and robust < 0.05, (clean, robust)  # a natural model has ~no robustness
+    assert_not_robust(clean, robust)
 
 
 def test_load_cohort_models_work_with_foolbox(nat_run, mini_test_batch):
@@ -177,4 +190,4 @@ def test_load_cohort_models_work_with_foolbox(nat_run, mini_test_batch):
     clean = fb.utils.accuracy(fmodel, x, y)
     _, _, success = fb.attacks.LinfPGD(steps=10, rel_stepsize=0.25)(fmodel, x, y, epsilons=8 / 255)
     robust = 1 - success.float().mean().item()
-    assert clean > 0.3 and robust < 0.05, (clean, robust)
+    assert_not_robust(clean, robust)
