@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from bench.throughput import write_result
 from fastcollab.aa_standard import run_standard_autoattack
 from fastcollab.apgd import APGDSpec, apgd_cohort
 from fastcollab.attacks import parse_number
@@ -76,9 +77,7 @@ def main(argv=None) -> int:
            "peers": {n: {"clean": clean[n], "aa_fast": int(tgt[n][0].sum()), "aa_lite": int(aa[n]["robust"].sum()),
                          "disagree": int((tgt[n][0] != aa[n]["robust"]).sum())} for n in models}}
     print(json.dumps(out, indent=1))
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(out, f, indent=1)
+    write_result(a.json, out)
     return 0
 
 

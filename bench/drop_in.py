@@ -18,6 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from bench.throughput import write_result
 from fastcollab import ops
 from fastcollab.models import create_model
 
@@ -103,9 +104,7 @@ def main(argv=None) -> int:
               "batch_size": args.batch_size, "ms_per_step": ms, "ratio_plain_over_fused": ms["plain"] / ms["fused"],
               "max_loss_diff": diff, "ops": ops.backend_report("cpu")}
     print(json.dumps(report, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+    write_result(args.json, report)
     return 0
 
 

@@ -83,10 +83,11 @@ DERIVED = ("num_classes", "image_size")
 PLAUSIBLE_BUDGET = {"linf": 1.0, "l2": 10.0, "l1": 255.0}
 
 
-def read_yaml(path: str | Path) -> dict:
+def read_yaml(path: str | Path, flag: str = "--config") -> dict:
+    """The mapping of a YAML file given with ``flag``; keys with ``-`` read as ``_``."""
     path = Path(path)
     if not path.is_file():
-        raise FastcollabError(f"config file {path} does not exist: pass an existing YAML file to --config")
+        raise FastcollabError(f"config file {path} does not exist: pass an existing YAML file to {flag}")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import yaml
 
+from .config import read_yaml
 from .errors import FastcollabError
 
 SPEC, RESULTS_JSON, RESULTS_MD, RESULTS_PNG = "study.yaml", "study.json", "study.md", "study.png"
@@ -58,16 +59,10 @@ def parse_spec(args: argparse.Namespace) -> dict:
     """The study's specification from ``--spec FILE`` and/or the flags (the flags win)."""
     spec: dict = {"common": "", "seeds": [0], "variants": {}, "evaluate": "", "jobs": 1}
     if args.spec:
-        path = Path(args.spec)
-        if not path.is_file():
-            raise FastcollabError(f"--spec {path} does not exist: pass an existing YAML file")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise FastcollabError(f"--spec {path} is not valid YAML ({str(e).splitlines()[0]}): fix it") from None
+        data = read_yaml(args.spec, "--spec")
         unknown = sorted(set(data) - set(spec))
         if unknown:
-            raise FastcollabError(f"--spec {path}: unknown keys {', '.join(unknown)}: use {', '.join(spec)}")
+            raise FastcollabError(f"--spec {args.spec}: unknown keys {', '.join(unknown)}: use {', '.join(spec)}")
         spec.update(data)
     if args.common is not None:
         spec["common"] = args.common

@@ -12,7 +12,6 @@ from fastcollab.aa_standard import autoattack_available, run_standard_autoattack
 from fastcollab.apgd import aa_fast
 from fastcollab.attacks import AttackSpec, pgd
 from fastcollab.errors import FastcollabError
-from fastcollab.models import create_model
 
 
 def _tiny(num_classes=10, softmax=False):
