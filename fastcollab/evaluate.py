@@ -1,7 +1,7 @@
 """``python -m fastcollab.evaluate --run DIR``: attack every trained peer of a run.
 
     python -m fastcollab.evaluate --run runs/mat --attacks clean,fgsm,pgd20,cw20 --json eval.json
-    python -m fastcollab.evaluate --run runs/mat-mp --attacks clean,linf-pgd50,l2-pgd50,l1-pgd50
+    python -m fastcollab.evaluate --run runs/mat-mp --attacks clean,linf-pgd50x10,l2-pgd50x10,l1-pgd50x10
 
     python -m fastcollab.evaluate --run runs/at --attacks clean,pgd20,aa-fast,aa --n 1000
 

@@ -101,3 +101,29 @@ def test_evaluate_cli_on_a_run_reports_union_and_transfer(tmp_path, mini_npz):
     report = json.loads(out.read_text())
     assert set(report["union"]["p0"]) == {"linf", "l2", "l1", "avg", "worst"}
     assert set(report["transfer"]["accuracy"]) == {"p0", "p1"} and "p0|p1" in report["discrepancy"]
+
+
+def test_per_norm_attacks_take_restarts_and_mat_mp_defaults_to_the_papers_ten():
+    """MAT Sec. 3.3.1: every attack of the multi-norm suite runs with 10 random starts."""
+    from fastcollab.evaluation.core import robust_under
+    from fastcollab.methods.mat_mp import MP_FINAL_ATTACKS
+
+    a = {x.name: x for x in parse_attacks("l1-pgd50x10,l2-cw20x3,linf-pgd5", eps=8 / 255)}
+    assert (a["l1-pgd50x10"].restarts, a["l1-pgd50x10"].spec.eps, a["l1-pgd50x10"].spec.steps) == (10, 12.0, 50)
+    assert a["l2-cw20x3"].restarts == 3 and a["l2-cw20x3"].spec.objective == "cw"
+    assert a["linf-pgd5"].restarts == 1
+    assert all(parse_attacks(n)[0].restarts == 10 for n in MP_FINAL_ATTACKS.split(",") if "-pgd" in n)
+    with pytest.raises(FastcollabError, match="restarts must be >= 1"):
+        parse_attacks("l2-pgd10x0")
+    # more restarts never leave an example robust that one start broke (each restart attacks the survivors)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 10)).eval()
+    x, y = torch.rand(32, 3, 8, 8), torch.randint(0, 10, (32,))
+    one = parse_attacks("l2-pgd3")[0]
+    many = parse_attacks("l2-pgd3x4")[0]
+    torch.manual_seed(1)
+    r1, _ = robust_under(model, x, y, one)
+    torch.manual_seed(1)
+    r4, x4 = robust_under(model, x, y, many)
+    assert not (r4 & ~r1).any()
+    assert ((x4 - x).flatten(1).norm(dim=1) <= 0.5 + 1e-5).all()

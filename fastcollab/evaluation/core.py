@@ -87,7 +87,7 @@ def _unknown(name: str) -> FastcollabError:
     close = difflib.get_close_matches(name, EXAMPLE_NAMES, n=1, cutoff=0.4)
     hint = f"did you mean {close[0]!r}? " if close else ""
     return FastcollabError(f"unknown evaluation attack {name!r}: {hint}use clean, fgsm, pgdK, pgdKxR, cwK, "
-                           f"apgd-ce, apgd-t, aa-fast, aa, aa-lite, linf-/l2-/l1-pgdK (or -cwK) or msdK")
+                           f"apgd-ce, apgd-t, aa-fast, aa, aa-lite, linf-/l2-/l1-pgdK[xR] (or -cwK) or msdK")
 
 
 def parse_attack(name: str, eps: float | None = None, step: float | None = None,
@@ -103,12 +103,13 @@ def parse_attack(name: str, eps: float | None = None, step: float | None = None,
         return EvalAttack(name, None, kind=name, norm=norm, eps=eps)
     if name == "fgsm":
         return EvalAttack(name, AttackSpec(norm=norm, eps=eps, step=max(eps, 1e-12), steps=1, init="zero"))
-    m = re.fullmatch(r"(linf|l2|l1)-(pgd|cw)(\d+)", name)
+    m = re.fullmatch(r"(linf|l2|l1)-(pgd|cw)(\d+)(?:x(\d+))?", name)
     if m:
         mp_norm, kind, steps = m.group(1), m.group(2), int(m.group(3))
         e, s = MP_BUDGETS[mp_norm]
         return EvalAttack(name, AttackSpec(norm=mp_norm, eps=e, step=s, steps=steps, init="uniform",
-                                           objective="ce" if kind == "pgd" else "cw"))
+                                           objective="ce" if kind == "pgd" else "cw"),
+                          restarts=_restarts(name, m.group(4)))
     m = re.fullmatch(r"msd(\d+)", name)
     if m:
         comps = [AttackSpec(norm=n, eps=e, step=s, steps=1, objective="ce") for n, (e, s) in MP_BUDGETS.items()]
@@ -116,12 +117,17 @@ def parse_attack(name: str, eps: float | None = None, step: float | None = None,
     m = re.fullmatch(r"(pgd|cw)(\d+)(?:x(\d+))?", name)
     if m:
         objective = "ce" if m.group(1) == "pgd" else "cw"
-        restarts = int(m.group(3) or 1)
-        if restarts < 1:
-            raise FastcollabError(f"attack {name!r}: restarts must be >= 1, e.g. pgd20x5")
         return EvalAttack(name, AttackSpec(norm=norm, eps=eps, step=step, steps=int(m.group(2)), init="uniform",
-                                           objective=objective), restarts=restarts)
+                                           objective=objective), restarts=_restarts(name, m.group(3)))
     raise _unknown(name)
+
+
+def _restarts(name: str, text: str | None) -> int:
+    """R of an ``...KxR`` attack name (1 without the suffix)."""
+    restarts = int(text or 1)
+    if restarts < 1:
+        raise FastcollabError(f"attack {name!r}: restarts must be >= 1, e.g. pgd20x5 or linf-pgd50x10")
+    return restarts
 
 
 def parse_attacks(names: str | list[str], eps: float | None = None, step: float | None = None,
