@@ -94,10 +94,16 @@ def save_checkpoint(path: Path, *, epoch: int, models: dict, optimizers: dict, s
     atomic_write(path, lambda f: f.write(buffer.getbuffer()))
 
 
+def monitored_robust_acc(record: dict, peer: str) -> float:
+    """A metrics record's accuracy of ``peer`` under the per-epoch monitor attack (``--monitor-attack``;
+    records written before the flag existed monitored PGD-10)."""
+    return record["peers"][peer][f"{record.get('monitor_attack', 'pgd10')}_acc"]
+
+
 def best_of(metrics: list[dict]) -> tuple[int, float] | None:
-    """``(epoch, score)`` of the best epoch by mean validation PGD-10 accuracy over the peers (``--select
-    best-pgd``); the earliest epoch wins a tie. None while no epoch was validated."""
-    scored = [(r["epoch"], sum(p["pgd10_acc"] for p in r["peers"].values()) / len(r["peers"]))
+    """``(epoch, score)`` of the best epoch by mean validation accuracy under the monitor attack over the peers
+    (``--select best-pgd``); the earliest epoch wins a tie. None while no epoch was validated."""
+    scored = [(r["epoch"], sum(monitored_robust_acc(r, p) for p in r["peers"]) / len(r["peers"]))
               for r in metrics if r.get("monitor") == "val"]
     return max(scored, key=lambda es: (es[1], -es[0])) if scored else None
 

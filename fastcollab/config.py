@@ -21,7 +21,7 @@ from .attacks import parse_number
 from .checkpoint import atomic_write
 from .data import FOLDER_DATASETS
 from .errors import FastcollabError
-from .evaluation import parse_attacks
+from .evaluation import parse_attack, parse_attacks
 from .methods import get_method, list_methods
 from .schedule import scaled_drops
 
@@ -56,9 +56,10 @@ GENERAL: dict[str, Any] = {
     "attack_bn": None,
     "attack_objective": None,  # None: the method's own (e.g. MAT's boosted CE); else overrides every attack
     "allow_large_eps": False,  # opt-in for budgets above the plausible range (PLAUSIBLE_BUDGET)
-    "eval_subset": 512,        # test images attacked with PGD-10 after every epoch
+    "eval_subset": 512,        # test images attacked by the monitor attack after every epoch
+    "monitor_attack": "pgd10",  # the per-epoch monitor: pgd10 or any evaluation attack, e.g. apgd-ce
     "val_split": 0,            # training images held out for model selection (0: none)
-    "select": "last",          # last | best-pgd (the epoch with the best validation PGD-10 accuracy)
+    "select": "last",          # last | best-pgd (the epoch with the best validation monitor-attack accuracy)
     "final_eval_size": None,   # test images of the final evaluation (None: the whole test split)
     "final_attacks": "clean,fgsm,pgd20,cw20",
     "eval_batch_size": 256,
@@ -303,6 +304,25 @@ def check_general(c: Mapping[str, Any], origin: Mapping[str, Any] = {}) -> None:
         parse_attacks(c["final_attacks"])
     except FastcollabError as e:
         raise FastcollabError(_from(origin, "final_attacks", f"--final-attacks: {e}")) from None
+    try:
+        monitor_attack(c)
+    except FastcollabError as e:
+        raise FastcollabError(_from(origin, "monitor_attack", f"--monitor-attack: {e}")) from None
+
+
+# the standard AutoAttack logs pages and takes minutes per peer: an evaluation, not a per-epoch monitor
+NOT_MONITORS = ("clean", "aa", "aa-lite")
+
+
+def monitor_attack(c: Mapping[str, Any]):
+    """The per-epoch monitor attack of a run (``--monitor-attack``) as an evaluation attack in the training
+    threat model (l_inf, the training eps; PGD step eps/4). ``pgd10`` by default; ``apgd-ce`` runs
+    fastcollab's APGD over the whole cohort at once (:mod:`fastcollab.apgd`)."""
+    name = str(c["monitor_attack"]).strip().lower()
+    if name in NOT_MONITORS:
+        raise FastcollabError(f"{name!r} cannot be the per-epoch monitor: pass one white-box attack, e.g. pgd10 "
+                              "or apgd-ce (run the standard AutoAttack with --final-attacks or evaluate)")
+    return parse_attack(name, eps=c["eps"])
 
 
 def absolute_paths(c: Mapping[str, Any]) -> dict[str, Any]:

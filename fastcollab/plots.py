@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .checkpoint import atomic_write  # noqa: E402
+from .checkpoint import atomic_write, monitored_robust_acc  # noqa: E402
 
 
 def save_png(fig, path: Path) -> None:
@@ -27,9 +27,11 @@ def plot_curves(records: list[dict], path: Path, title: str) -> None:
         color = f"C{i}"
         ax_acc.plot(epochs, [r["peers"][p]["clean_acc"] for r in records], "-o", color=color, ms=3,
                     label=f"{p} clean")
-        ax_acc.plot(epochs, [r["peers"][p]["pgd10_acc"] for r in records], "--s", color=color, ms=3,
-                    label=f"{p} PGD-10")
-    ax_acc.set(xlabel="epoch", ylabel="test accuracy (%)", title="accuracy on the fixed test subset")
+        ax_acc.plot(epochs, [monitored_robust_acc(r, p) for r in records], "--s", color=color, ms=3,
+                    label=f"{p} {records[-1].get('monitor_attack', 'pgd10')}")
+    held_out = records[-1].get("monitor") == "val"
+    ax_acc.set(xlabel="epoch", ylabel=f"{'validation' if held_out else 'test'} accuracy (%)",
+               title=f"accuracy on the fixed {'held-out training' if held_out else 'test'} subset")
     ax_acc.grid(alpha=0.3)
     ax_acc.legend(fontsize=8)
     ax_loss.plot(epochs, [r["loss"] for r in records], "-o", ms=3, color="k")

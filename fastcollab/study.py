@@ -11,6 +11,7 @@ or the same as a YAML file (``--spec study.yaml`` with keys ``common``, ``seeds`
 holds its own config, metrics, checkpoint and final.json. When ``--evaluate`` is given, every finished run is
 then attacked by ``python -m fastcollab.evaluate`` with those flags (results in ``OUT/VARIANT/seedS/eval.json``).
 
+Runs start in seed-major order (all variants at the first seed, then the next seed), ``jobs`` at a time.
 Resuming: run the same command again. A finished run is kept, a run with a checkpoint is continued with
 ``--resume``, a run killed before its first checkpoint is started again; a spec that differs from the one saved
 in ``OUT/study.yaml`` is refused (a study is one budget). Diverged and failed runs are reported in the table,
@@ -112,9 +113,11 @@ def normalise_spec(spec: dict) -> dict:
 
 
 def plan_runs(spec: dict, out: Path) -> list[Run]:
+    """Seed-major order: every variant runs its first seed before any variant runs its second, so a study cut
+    short still compares every variant (and variants added later are queued before repeats of earlier ones)."""
     common = shlex.split(spec["common"])
     return [Run(v, s, tuple(common + shlex.split(flags)), out / v / f"seed{s}")
-            for v, flags in spec["variants"].items() for s in spec["seeds"]]
+            for s in spec["seeds"] for v, flags in spec["variants"].items()]
 
 
 def check_or_save_spec(spec: dict, out: Path) -> None:

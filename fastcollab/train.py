@@ -27,18 +27,19 @@ from tqdm import tqdm
 
 from . import distributed as D
 from . import ops
-from .attacks import AttackSpec, parse_number
+from .attacks import parse_number
 from .checkpoint import (BEST_NAME, CHECKPOINT_NAME, best_of, load_checkpoint, load_model_state, save_checkpoint,
                          set_rng_state)
 from .cohort import Cohort, sgd_for
-from .config import (GENERAL, TRANSIENT, RaisingParser, check_general, flag_of, parse_file_values, pick_device,
-                     read_yaml, resolve_config, write_yaml)
+from .config import (GENERAL, TRANSIENT, RaisingParser, check_general, flag_of, monitor_attack, parse_file_values,
+                     pick_device, read_yaml, resolve_config, write_yaml)
 from .data import DeviceLoader, hold_out, load_dataset
 from .engine import Precision, make_distributed_engine
 from .engine.distributed import gather_cohort
 from .errors import FastcollabError
-from .evaluation import EvalAttack, parse_attacks, per_example_correct
+from .evaluation import parse_attack, parse_attacks
 from .evaluation.library import check_applicable
+from .evaluation.runner import Partial, run_attacks
 from .methods import StepContext, get_method, list_methods
 from .plots import plot_curves
 from .rundir import (CONFIG, CURVES, FINAL, RUN_FILES, RunLock, build_peer_models, check_out_folder, run_status,
@@ -163,12 +164,16 @@ def build_parser(method: str | None = None, model: str | None = None,
     w.add_argument("--model-dir", help="where --teacher robustbench:NAME looks (MODEL_DIR/cifar10/Linf/NAME.pt; "
                                        "default $MODEL_DIR or ./models)")
     e = p.add_argument_group("evaluation")
-    e.add_argument("--eval-subset", type=int, help="test images attacked with PGD-10 after each epoch (512); "
-                                                   "with --val-split, the held-out images are monitored instead")
+    e.add_argument("--eval-subset", type=int, help="test images attacked by the monitor attack after each epoch "
+                                                   "(512); with --val-split, the held-out images are monitored "
+                                                   "instead")
+    e.add_argument("--monitor-attack", help="the attack of the per-epoch monitor, in the training threat model: "
+                                            "pgd10, or any white-box attack of evaluate, e.g. apgd-ce "
+                                            "(fastcollab's APGD over the whole cohort at once) (pgd10)")
     e.add_argument("--val-split", type=int, help="hold out N training images (seeded) for model selection (0)")
     e.add_argument("--select", choices=["last", "best-pgd"],
-                   help="final weights: the last epoch, or the epoch with the best mean validation PGD-10 "
-                        "accuracy over the peers (needs --val-split) (last)")
+                   help="final weights: the last epoch, or the epoch with the best mean validation accuracy "
+                        "under the monitor attack over the peers (needs --val-split) (last)")
     e.add_argument("--final-eval-size", type=int, help="test images of the final evaluation (all)")
     e.add_argument("--final-attacks", help="comma list, default clean,fgsm,pgd20,cw20")
     e.add_argument("--eval-batch-size", type=int, help="batch size of the evaluations (256)")
@@ -234,7 +239,8 @@ class Trainer:
         config["num_classes"] = self.data.num_classes
         config["image_size"] = int(self.data.x_train.shape[-1])
         # the final attacks must fit this dataset (DLR: >= 3 classes; AutoAttack: the extra) before training
-        check_applicable(parse_attacks(config["final_attacks"]), self.data.num_classes)
+        self.monitor = [parse_attack("clean"), monitor_attack(config)]
+        check_applicable(parse_attacks(config["final_attacks"]) + self.monitor, self.data.num_classes)
         self.method = get_method(config["method"])(config)
         models = build_peer_models(config, self.method, self.data.num_classes, self.data.mean, self.data.std)
         self.models = {n: m.to(self.device) for n, m in models.items()}
@@ -276,8 +282,6 @@ class Trainer:
                                    seed=config["seed"])
         self.loader.set_shard(*shard)
         D.seed_per_rank(config["seed"])
-        self.monitor = [EvalAttack("clean", None),
-                        EvalAttack("pgd10", AttackSpec(eps=config["eps"], step=config["eps"] / 4, steps=10))]
         self.metrics: list[dict] = []
         self.start_epoch = 0
 
@@ -310,8 +314,8 @@ class Trainer:
         ckpt = load_checkpoint(self.out / BEST_NAME, map_location=self.device)
         for name, model in self.models.items():
             load_model_state(model, ckpt["models"][name], str(self.out / BEST_NAME))
-        return {"selection": f"best mean PGD-10 accuracy on {len(self.subset[0])} held-out training images",
-                "selected_epoch": epoch, "selected_val_pgd10_acc": score}
+        return {"selection": f"best mean {self.monitor[1].name} accuracy on {len(self.subset[0])} held-out "
+                             "training images", "selected_epoch": epoch, "selected_val_robust_acc": score}
 
     def _write(self, epoch: int) -> None:
         save_checkpoint(self.out / CHECKPOINT_NAME, epoch=epoch, models=self.models, optimizers=self.optimizers,
@@ -371,15 +375,21 @@ class Trainer:
             "epoch": epoch + 1, "step": step + 1, "terms": terms, "message": message}))
         raise Diverged(message)
 
-    def evaluate_peers(self, images, labels, attacks: list[EvalAttack], desc: str) -> dict[str, dict]:
-        total = len(images) * len(self.models)
-        with tqdm(total=total, desc=desc, disable=None if self.progress else True, leave=False,
-                  unit="img") as bar:
-            mine = D.my_shard(len(images))  # this rank's exact slice; per-example results gathered
-            hits = {n: per_example_correct(m, images[mine], labels[mine], attacks, self.config["eval_batch_size"],
-                                           bar) for n, m in self.models.items()}
-            return {n: {k: 100.0 * float(D.gather_rows(c).sum()) / max(len(images), 1) for k, c in h.items()}
-                    for n, h in hits.items()}
+    def monitor_epoch(self) -> tuple[dict[str, dict[str, float]], float]:
+        """Per peer, the accuracy (%) on the monitored images (the held-out training images with
+        ``--val-split``, else the test subset) clean and under ``--monitor-attack``, and the seconds it took.
+        The final evaluation's code path (PGD keeps its best iterate; APGD attacks the whole cohort at once;
+        sharded over ranks). The attacks seed their own noise inside a forked RNG: monitoring never changes
+        the training's random stream."""
+        images, labels = self.subset
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            out = run_attacks(self.models, images, labels, self.monitor, batch_size=self.config["eval_batch_size"],
+                              seed=self.config["seed"], device=self.device, partial=Partial(None, {}),
+                              progress=self.progress, report=False)
+        accuracy = {n: {a.name: 100.0 * float(out["correct"][a.name][n].float().mean()) if len(images) else 0.0
+                        for a in self.monitor} for n in self.models}
+        return accuracy, sum(out["time_s"].values())
 
     def banner(self) -> str:
         """One short start-up line; the backend of every op with ``--verbose``."""
@@ -402,21 +412,23 @@ class Trainer:
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
             epoch_time = time.perf_counter() - t0
-            monitor = self.evaluate_peers(*self.subset, self.monitor, "eval PGD-10")
+            monitor, monitor_time = self.monitor_epoch()
+            robust = self.monitor[1].name
             record = {"epoch": epoch + 1, "time_s": round(epoch_time, 3),
                       "lr": {n: self.cohort.lr(n) for n in self.models},
                       "loss": train["loss"],
                       "terms": {k: v for k, v in train.items() if k != "loss" and not k.endswith("/train_acc")},
                       "peers": {n: {"train_acc": 100 * train[f"{n}/train_acc"],
-                                    "clean_acc": monitor[n]["clean"], "pgd10_acc": monitor[n]["pgd10"]}
+                                    "clean_acc": monitor[n]["clean"], f"{robust}_acc": monitor[n][robust]}
                                 for n in self.models},
-                      "monitor": self.monitor_set, "eval_subset": len(self.subset[0])}
+                      "monitor": self.monitor_set, "monitor_attack": robust, "eval_subset": len(self.subset[0]),
+                      "monitor_time_s": round(monitor_time, 3)}
             if hasattr(self.engine, "stats"):  # the graphed engine: captures, replays, why it fell back
                 record["engine"] = self.engine.stats()
             self.metrics.append(record)
             self.save(epoch + 1)
             print(f"epoch {epoch + 1}/{cfg['epochs']}  {epoch_time:.1f}s  loss {train['loss']:.4f}  " + "  ".join(
-                f"{n}: clean {r['clean_acc']:.1f}% pgd10 {r['pgd10_acc']:.1f}%" for n, r in record["peers"].items()))
+                f"{n}: clean {r['clean_acc']:.1f}% {robust} {r[robust + '_acc']:.1f}%" for n, r in record["peers"].items()))
         return self.final_evaluation()
 
     def final_evaluation(self) -> dict:

@@ -19,6 +19,7 @@ def test_study_runs_resumes_and_aggregates(tmp_path, capsys):
     out = tmp_path / "s"
     result = json.loads((out / study.RESULTS_JSON).read_text())
     assert result["runs"] == {"nat/seed0": "ok", "nat/seed1": "ok", "at/seed0": "ok", "at/seed1": "ok"}
+    assert list(result["runs"]) == ["nat/seed0", "at/seed0", "nat/seed1", "at/seed1"]  # seed-major order
     for variant in ("nat", "at"):
         entry = result["table"][variant]
         assert entry["seeds"] == [0, 1]
@@ -86,7 +87,7 @@ def test_val_split_selects_the_best_validated_epoch_without_the_test_set(tmp_pat
     assert [r["monitor"] for r in metrics] == ["val"] * 3 and all(r["eval_subset"] == 40 for r in metrics)
     epoch, score = best_of(metrics)
     final = json.loads((out / "final.json").read_text())
-    assert final["selected_epoch"] == epoch and final["selected_val_pgd10_acc"] == pytest.approx(score)
+    assert final["selected_epoch"] == epoch and final["selected_val_robust_acc"] == pytest.approx(score)
     best = load_checkpoint(out / "best.pt")
     assert best["epoch"] == epoch
     for model, name in zip(load_cohort(out), ["p0"]):

@@ -111,9 +111,11 @@ class Partial:
 
 
 def run_attacks(models: dict[str, nn.Module], x_all: torch.Tensor, y_all: torch.Tensor, attacks: list[EvalAttack],
-                *, batch_size: int, seed: int, device, partial: Partial, progress: bool = True) -> dict:
+                *, batch_size: int, seed: int, device, partial: Partial, progress: bool = True,
+                report: bool = True) -> dict:
     """Every attack on every peer, attack by attack (finished attacks of ``partial`` are skipped). Returns
-    ``{"correct": {attack: {peer: bool[N]}}, "time_s": {attack: s}, "meta": {attack: meta}}``."""
+    ``{"correct": {attack: {peer: bool[N]}}, "time_s": {attack: s}, "meta": {attack: meta}}``. ``progress``:
+    a bar on a terminal; ``report``: with it, one line per attack."""
     was = {n: m.training for n, m in models.items()}
     for m in models.values():
         m.eval()
@@ -136,7 +138,7 @@ def run_attacks(models: dict[str, nn.Module], x_all: torch.Tensor, y_all: torch.
                 rec = {"robust": robust, "meta": out["meta"], "time_s": round(time.perf_counter() - t0, 3)}
                 partial.put(a.name, rec["robust"], rec["meta"], rec["time_s"])
             correct[a.name], times[a.name], metas[a.name] = rec["robust"], rec["time_s"], rec["meta"]
-            if progress and D.is_main():
+            if progress and report and D.is_main():
                 accs = "  ".join(f"{n} {100.0 * float(c.float().mean()) if len(c) else 0.0:.2f}%"
                                  for n, c in rec["robust"].items())
                 print(f"evaluate: {a.name} on {len(x_all)} images × {len(models)} peer(s): {accs}  "
