@@ -277,7 +277,8 @@ def transfer_matrix(models: dict[str, nn.Module], x_all: torch.Tensor, y_all: to
                     batch_size: int = 256) -> dict[str, dict[str, float]]:
     """``{source: {target: accuracy %}}``: adversarial examples crafted with ``attack`` on the source peer,
     classified by the target peer (MAT Table 4). The transferred image is PGD's last iterate, the point of
-    highest source loss, as MAT's transfer table crafts them; the first misclassifying iterate that the
+    highest source loss, which is what a standard PGD attack returns (MAT Table 4 transfers PGD examples and
+    says no more); the first misclassifying iterate that the
     best-iterate scoring keeps sits barely across the source's boundary and transfers worse. So the diagonal
     is the last-iterate white-box accuracy, at or above the best-iterate number of the same attack."""
     names = list(models)
