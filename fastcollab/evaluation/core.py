@@ -278,9 +278,9 @@ def transfer_matrix(models: dict[str, nn.Module], x_all: torch.Tensor, y_all: to
     """``{source: {target: accuracy %}}``: adversarial examples crafted with ``attack`` on the source peer,
     classified by the target peer (MAT Table 4). The transferred image is PGD's last iterate, the point of
     highest source loss, which is what a standard PGD attack returns (MAT Table 4 transfers PGD examples and
-    says no more); the first misclassifying iterate that the
-    best-iterate scoring keeps sits barely across the source's boundary and transfers worse. So the diagonal
-    is the last-iterate white-box accuracy, at or above the best-iterate number of the same attack."""
+    says no more); the first misclassifying iterate that the best-iterate scoring keeps sits barely across
+    the source's boundary and transfers worse. So the diagonal is the last-iterate white-box accuracy, at or
+    above the best-iterate number of the same attack."""
     names = list(models)
     hits = {s: {t: 0 for t in names} for s in names}
     was = {n: m.training for n, m in models.items()}
