@@ -334,7 +334,8 @@ def plot_study(table: dict, path: Path) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fastcollab.study", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="study folder (resumed when it holds the same study)")
+    p.add_argument("--out", required=True, help="study folder (resumed when it holds the same study; alone, it "
+                                                "resumes or reports the study saved there)")
     p.add_argument("--spec", help="YAML file with common, seeds, variants, evaluate, jobs")
     p.add_argument("--common", help="train flags every run shares (the equal budget)")
     p.add_argument("--variant", action="append", help="NAME=FLAGS, repeatable, e.g. mat=\"--method mat\"")
@@ -348,12 +349,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        saved = Path(args.out) / SPEC
+        if not args.spec and not args.variant and saved.is_file():  # `--out DIR` alone: the saved study
+            args.spec = str(saved)
         spec = parse_spec(args)
         out = Path(args.out)
         check_or_save_spec(spec, out)
         runs = plan_runs(spec, out)
-        if args.report_only:
+        if args.report_only:  # a trained run still waiting for the study's evaluation is not finished
             outcome = {r: {"done": "ok", "diverged": "diverged"}.get(run_state(r), "not run") for r in runs}
+            outcome = {r: "not run" if o == "ok" and spec["evaluate"] and not (r.folder / EVAL_JSON).is_file()
+                       else o for r, o in outcome.items()}
         else:
             outcome = execute(runs, spec)
         table = aggregate(runs, outcome)

@@ -39,6 +39,12 @@ def test_study_runs_resumes_and_aggregates(tmp_path, capsys):
     assert run_study(tmp_path) == 0
     assert "4 already finished, 0 to run" in capsys.readouterr().out
     assert mtimes == {p: p.stat().st_mtime for p in out.glob("*/seed*/checkpoint.pt")}
+    # `--out` alone reports the saved study; a run without its final.json is not averaged in
+    (out / "at" / "seed1" / "final.json").unlink()
+    assert study.main(["--out", str(out), "--report-only"]) == 1
+    report = json.loads((out / study.RESULTS_JSON).read_text())
+    assert report["runs"]["at/seed1"] == "not run" and report["table"]["at"]["seeds"] == [0]
+    assert report["table"]["nat"]["seeds"] == [0, 1]
 
 
 @pytest.mark.parametrize("argv, message", [
