@@ -19,6 +19,7 @@ from bench.throughput import write_result
 from fastcollab.config import pick_device
 from fastcollab.data import load_dataset
 from fastcollab.evaluation import parse_attack
+from fastcollab.evaluation.core import percent
 from fastcollab.evaluation.runner import Partial, run_attacks
 from fastcollab.rundir import load_run_models
 
@@ -46,9 +47,8 @@ def main(argv=None) -> int:
             out = run_attacks(models, x, y, [clean, attack], batch_size=config.get("eval_batch_size", 256), seed=0,
                               device=device, partial=Partial(None, {}), progress=False)
             times[attack.name].append(out["time_s"][attack.name])
-            accuracy[attack.name] = {n: round(100.0 * float(c.float().mean()), 2)
-                                     for n, c in out["correct"][attack.name].items()}
-    accuracy["clean"] = {n: round(100.0 * float(c.float().mean()), 2) for n, c in out["correct"]["clean"].items()}
+            for name in ("clean", attack.name):
+                accuracy[name] = {n: round(percent(c), 2) for n, c in out["correct"][name].items()}
     fastest = {name: min(t) for name, t in times.items()}
     first = attacks[0].name
     result = {"run": str(a.run), "n": len(x), "eps": config["eps"], "device": str(device),

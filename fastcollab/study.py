@@ -357,9 +357,9 @@ def main(argv=None) -> int:
         check_or_save_spec(spec, out)
         runs = plan_runs(spec, out)
         if args.report_only:  # a trained run still waiting for the study's evaluation is not finished
-            outcome = {r: {"done": "ok", "diverged": "diverged"}.get(run_state(r), "not run") for r in runs}
-            outcome = {r: "not run" if o == "ok" and spec["evaluate"] and not (r.folder / EVAL_JSON).is_file()
-                       else o for r, o in outcome.items()}
+            evaluated = lambda r: not spec["evaluate"] or (r.folder / EVAL_JSON).is_file()  # noqa: E731
+            outcome = {r: {"done": "ok" if evaluated(r) else "not run", "diverged": "diverged"}.get(
+                run_state(r), "not run") for r in runs}
         else:
             outcome = execute(runs, spec)
         table = aggregate(runs, outcome)

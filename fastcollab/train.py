@@ -39,6 +39,7 @@ from .engine.distributed import gather_cohort
 from .errors import FastcollabError
 from .evaluation import parse_attack, parse_attacks
 from .evaluation.library import check_applicable
+from .evaluation.core import percent
 from .evaluation.runner import Partial, run_attacks
 from .methods import StepContext, get_method, list_methods
 from .plots import plot_curves
@@ -387,8 +388,7 @@ class Trainer:
             out = run_attacks(self.models, images, labels, self.monitor, batch_size=self.config["eval_batch_size"],
                               seed=self.config["seed"], device=self.device, partial=Partial(None, {}),
                               progress=self.progress, report=False)
-        accuracy = {n: {a.name: 100.0 * float(out["correct"][a.name][n].float().mean()) if len(images) else 0.0
-                        for a in self.monitor} for n in self.models}
+        accuracy = {n: {a.name: percent(out["correct"][a.name][n]) for a in self.monitor} for n in self.models}
         return accuracy, sum(out["time_s"].values())
 
     def banner(self) -> str:

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attacks import AttackSpec, random_init
-from .core import EvalAttack, pgd_best_iterate, robust_under
+from .core import EvalAttack, percent, pgd_best_iterate, robust_under
 
 CHECK_N = 128            #: default subset size of the checks
 CHECK_STEPS = 10         #: K of the checks' PGD-K
@@ -69,10 +69,6 @@ def check(name: str, status: str, value, threshold, explain: str) -> dict:
     return {"name": name, "status": status, "value": value, "threshold": threshold, "explain": explain}
 
 
-def _pct(b: torch.Tensor) -> float:
-    return 100.0 * float(b.float().mean()) if len(b) else 0.0
-
-
 def _tol(n: int, points: float, images: int) -> float:
     """A tolerance in accuracy points, never finer than ``images`` images of an ``n``-image subset."""
     return round(max(points, 100.0 * images / max(n, 1)), 4)
@@ -103,7 +99,7 @@ def check_logits(model: nn.Module, x: torch.Tensor) -> dict:
         z = model(x).float()
     probs = ((z >= 0) & (z <= 1)).all(1) & ((z.sum(1) - 1).abs() < 1e-3)
     logprobs = (z <= 0).all(1) & (torch.logsumexp(z, 1).abs() < 1e-3)
-    p, lp = _pct(probs), _pct(logprobs)
+    p, lp = percent(probs), percent(logprobs)
     if p > 50:
         return check("logits", "fail", p, "≤ 50 % of rows are probability vectors",
                      f"{p:.0f} % of output rows are in [0,1] and sum to 1: the model returns probabilities "
@@ -149,9 +145,9 @@ def check_input_range(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dic
         return check("input_range", "fail", [lo, hi], [0.0, 1.0],
                      "evaluation images must be NCHW floats in [0, 1]")
     with torch.no_grad():
-        acc = {"[0,1]": _pct(model(x).argmax(1) == y),
-               "[0,255]": _pct(model(x * 255).argmax(1) == y),
-               "standardised": _pct(model((x - 0.5) / 0.25).argmax(1) == y)}
+        acc = {"[0,1]": percent(model(x).argmax(1) == y),
+               "[0,255]": percent(model(x * 255).argmax(1) == y),
+               "standardised": percent(model((x - 0.5) / 0.25).argmax(1) == y)}
     best = max(acc, key=acc.get)
     margin = _tol(len(x), 10.0, 3)
     if best != "[0,1]" and acc[best] > acc["[0,1]"] + margin:
@@ -191,7 +187,7 @@ def check_zero_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> d
         rate = 100.0
     else:
         per = g.flatten(1).abs().amax(1)
-        rate = _pct((per == 0) | ~torch.isfinite(per))
+        rate = percent((per == 0) | ~torch.isfinite(per))
     return _graded("zero_gradient", rate, 5.0, 50.0,
                    f"{rate:.1f} % of clean inputs have an exactly zero (or non-finite) input gradient of the CW "
                    "margin: gradient masking (quantised or non-differentiable input processing) if high")
@@ -213,14 +209,14 @@ def check_perturbations(x: torch.Tensor, advs: dict[str, torch.Tensor], norm: st
 
 def check_fgsm_vs_pgd(fgsm_robust: torch.Tensor, pgd_robust: torch.Tensor) -> dict:
     n = len(pgd_robust)
-    v = _pct(~fgsm_robust & pgd_robust)
+    v = percent(~fgsm_robust & pgd_robust)
     return _graded("fgsm_vs_pgd", v, _tol(n, 1.0, 1), _tol(n, 5.0, 3),
                    f"{v:.1f} % of examples are broken by FGSM but not by PGD: the iterative attack must dominate")
 
 
 def check_effort(name: str, base: torch.Tensor, more: torch.Tensor, what: str) -> dict:
     n = len(base)
-    drop = _pct(base) - _pct(more)
+    drop = percent(base) - percent(more)
     return _graded(name, drop, _tol(n, 2.0, 2), _tol(n, 10.0, 4),
                    f"{what} lowers accuracy by {drop:.1f} points: the number has {'not ' if drop > _tol(n, 2.0, 2) else ''}"
                    "converged")
@@ -245,18 +241,18 @@ def check_transfer(white: torch.Tensor, transfer: dict[str, torch.Tensor]) -> di
     if not transfer:
         return check("transfer", "skipped", None, None, "one peer: no other model to transfer from")
     n = len(white)
-    worst = min(transfer, key=lambda s: _pct(transfer[s]))
-    gap = _pct(white) - _pct(transfer[worst])
+    worst = min(transfer, key=lambda s: percent(transfer[s]))
+    gap = percent(white) - percent(transfer[worst])
     return _graded("transfer", gap, _tol(n, 2.0, 2), _tol(n, 2.0, 2),
-                   f"examples crafted on {worst} leave {_pct(transfer[worst]):.1f} % vs white-box "
-                   f"{_pct(white):.1f} %: transfer must not beat the white-box attack")
+                   f"examples crafted on {worst} leave {percent(transfer[worst]):.1f} % vs white-box "
+                   f"{percent(white):.1f} %: transfer must not beat the white-box attack")
 
 
 def check_noise(white: torch.Tensor, noise: torch.Tensor) -> dict:
     n = len(white)
-    gap = _pct(white) - _pct(noise)
+    gap = percent(white) - percent(noise)
     return _graded("random_noise", gap, _tol(n, 2.0, 2), _tol(n, 2.0, 2),
-                   f"uniform noise in the ball leaves {_pct(noise):.1f} % vs white-box {_pct(white):.1f} %: "
+                   f"uniform noise in the ball leaves {percent(noise):.1f} % vs white-box {percent(white):.1f} %: "
                    "noise must be weaker")
 
 
@@ -289,10 +285,10 @@ def _sweep(model, x, y, budget: CheckBudget, dim: int, known: dict[float, torch.
     acc = []
     for e in grid:
         if known and e in known:
-            acc.append(_pct(known[e]))
+            acc.append(percent(known[e]))
             continue
         attack = EvalAttack("clean", None, kind="clean") if e == 0 else EvalAttack("sweep", budget.spec(e))
-        acc.append(_pct(robust_under(model, x, y, attack)[0]))
+        acc.append(percent(robust_under(model, x, y, attack)[0]))
     return {"eps": grid, "accuracy": acc, "attack": f"pgd{budget.steps} step 2.5·ε/{budget.steps}", "n": len(x)}
 
 

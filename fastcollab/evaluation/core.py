@@ -218,6 +218,11 @@ def _batches(x_all, y_all, batch_size, device):
         yield x, y_all[start:start + batch_size].to(device)
 
 
+def percent(correct: torch.Tensor) -> float:
+    """Accuracy in % of per-example flags (0 for none)."""
+    return 100.0 * float(correct.float().mean()) if len(correct) else 0.0
+
+
 def per_example_correct(model: nn.Module, x_all: torch.Tensor, y_all: torch.Tensor, attacks: list[EvalAttack],
                         batch_size: int = 256, progress=None) -> dict[str, torch.Tensor]:
     """``{attack name: bool[N]}``: is ``model`` right on each (attacked) test image? (eval mode, fp32)"""

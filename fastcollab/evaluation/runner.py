@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from .. import distributed as D
 from ..checkpoint import atomic_write
-from .core import LIBRARY_ATTACKS, EvalAttack, robust_under
+from .core import LIBRARY_ATTACKS, EvalAttack, percent, robust_under
 
 
 def pick_subset(total: int, n: int | None, seed: int) -> tuple[torch.Tensor, dict]:
@@ -139,7 +139,7 @@ def run_attacks(models: dict[str, nn.Module], x_all: torch.Tensor, y_all: torch.
                 partial.put(a.name, rec["robust"], rec["meta"], rec["time_s"])
             correct[a.name], times[a.name], metas[a.name] = rec["robust"], rec["time_s"], rec["meta"]
             if progress and report and D.is_main():
-                accs = "  ".join(f"{n} {100.0 * float(c.float().mean()) if len(c) else 0.0:.2f}%"
+                accs = "  ".join(f"{n} {percent(c):.2f}%"
                                  for n, c in rec["robust"].items())
                 print(f"evaluate: {a.name} on {len(x_all)} images × {len(models)} peer(s): {accs}  "
                       f"({rec['time_s']:.1f} s{', from ' + str(partial.path) if rec.get('resumed') else ''})",
